@@ -1,0 +1,6 @@
+"""Callbacks own sampling and evaluation; they never compute a loss."""
+
+from fmlab.callbacks.evaluator import Evaluator
+from fmlab.callbacks.sample_logger import SampleLogger
+
+__all__ = ["Evaluator", "SampleLogger"]

@@ -1,0 +1,5 @@
+"""Plain backbones: they map (t, x) to a tensor shaped like x and know nothing of paths or objectives."""
+
+from fmlab.nets.mlp import MLP
+
+__all__ = ["MLP"]

@@ -1,0 +1,121 @@
+"""Training entry point: `python -m fmlab.train [group=option ...] [key=value ...]`.
+
+compose → validate → seed → instantiate → fit (callbacks sample and evaluate) → write metrics.json → return the
+metric a sweeper optimises.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, Timer
+from omegaconf import DictConfig, OmegaConf
+
+from fmlab import __version__
+from fmlab.callbacks import Evaluator
+from fmlab.module import FlowModule
+from fmlab.utils.cli import CONFIG_DIR, check_group_choices
+from fmlab.utils.errors import UserError, exit_on_user_error
+from fmlab.utils.loggers import finish_wandb, instantiate_loggers
+from fmlab.utils.run_files import config_digest, write_metrics
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks Lightning would accept silently (e.g. max_steps = -1 trains forever)."""
+    trainer = cfg.trainer
+    if not trainer.get("fast_dev_run") and (not isinstance(trainer.max_steps, int) or trainer.max_steps < 1):
+        raise UserError(f"trainer.max_steps={trainer.max_steps} is invalid; it must be a positive integer")
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist; give the path of a .ckpt file")
+
+
+def build_module(cfg: DictConfig) -> FlowModule:
+    return FlowModule(
+        net=instantiate(cfg.net),
+        path=instantiate(cfg.path),
+        objective=instantiate(cfg.objective),
+        coupling=instantiate(cfg.coupling),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        scheduler_interval=cfg.scheduler_interval,
+    )
+
+
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    if not cfg.get("callbacks"):
+        return []
+    return [instantiate(node) for node in cfg.callbacks.values() if node and "_target_" in node]
+
+
+def run_metrics(
+    cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback]
+) -> dict[str, Any]:
+    """What metrics.json records: the evaluation, the cost of training, and what was run."""
+    metrics: dict[str, Any] = {
+        "method": cfg.method.name,
+        "data": cfg.data.get("target", cfg.data.get("name")),
+        "source": cfg.data.get("source", "gaussian"),
+        "seed": cfg.seed,
+        "steps": trainer.global_step,
+        "num_params": sum(p.numel() for p in module.net.parameters()),
+        "config_digest": config_digest(cfg),
+        "fmlab_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    loss = trainer.callback_metrics.get("train/loss")
+    if loss is not None:
+        metrics["train_loss"] = float(loss)
+    for callback in callbacks:
+        if isinstance(callback, Timer):
+            metrics["train_seconds"] = callback.time_elapsed("train")
+        if isinstance(callback, Evaluator):
+            metrics.update(callback.results)
+    return metrics
+
+
+@exit_on_user_error
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one model as `cfg` says and return its metrics (also written to <output_dir>/metrics.json)."""
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    callbacks = build_callbacks(cfg)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        metrics = run_metrics(cfg, trainer, module, callbacks)
+        metrics["wall_seconds"] = time.perf_counter() - started
+        if trainer.is_global_zero:
+            write_metrics(cfg.paths.output_dir, metrics)
+    finally:
+        finish_wandb(loggers)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def hydra_main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return float(value) if isinstance(value, int | float) else None
+
+
+@exit_on_user_error
+def main() -> None:
+    check_group_choices(sys.argv[1:])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Logger construction: W&B online when credentials exist, offline otherwise."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig
+
+OFFLINE_MODES = ("offline", "dryrun", "disabled")
+
+
+def wandb_credentials_available() -> bool:
+    """True when W&B can authenticate: WANDB_API_KEY, or a netrc entry for the W&B host (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    netrc_file = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.netrc(netrc_file).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_should_be_offline(offline: bool | None) -> bool:
+    """An explicit `offline` wins; then WANDB_MODE; then online only if credentials are available."""
+    if offline is not None:
+        return bool(offline)
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in OFFLINE_MODES:
+        return True
+    if mode == "online":
+        return False
+    return not wandb_credentials_available()
+
+
+def wandb_logger(offline: bool | None = None, **kwargs: Any) -> WandbLogger:
+    """A Lightning `WandbLogger` whose online/offline mode follows `wandb_should_be_offline`."""
+    return WandbLogger(offline=wandb_should_be_offline(offline), **kwargs)
+
+
+def instantiate_loggers(config: DictConfig | None) -> list[Logger]:
+    """Every logger under the `logger` config node (none for `logger=none`)."""
+    from hydra.utils import instantiate
+
+    if not config:
+        return []
+    return [instantiate(node) for node in config.values() if node and "_target_" in node]
+
+
+def finish_wandb(loggers: list[Logger]) -> None:
+    """Close the W&B run so the next job of a sweep starts its own."""
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

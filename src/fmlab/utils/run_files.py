@@ -1,0 +1,36 @@
+"""What a run leaves on disk: metrics.json (what tables and notebooks read) and the config digest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+METRICS_FILE = "metrics.json"
+UNHASHED_KEYS = ("paths", "hydra", "ckpt_path")
+
+
+def config_digest(config: DictConfig) -> str:
+    """SHA-256 (first 16 hex digits) of the resolved config, leaving out where outputs go: equal digests, same run."""
+    container = OmegaConf.to_container(config, resolve=True)
+    for key in UNHASHED_KEYS:
+        container.pop(key, None)
+    text = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_metrics(output_dir: str | Path, metrics: dict[str, Any]) -> Path:
+    """Write `metrics.json` atomically (a partial file never replaces a good one)."""
+    target = Path(output_dir) / METRICS_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".json.partial")
+    partial.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
+    partial.replace(target)
+    return target
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / METRICS_FILE).read_text())
