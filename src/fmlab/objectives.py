@@ -17,9 +17,7 @@ class Objective(ABC):
     """loss = E_{t, x0, x1} w(t) ‖net(t, x_t) − target‖², averaged over batch and dimensions."""
 
     @abstractmethod
-    def loss(
-        self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor, noise: Tensor | None
-    ) -> Tensor:
+    def loss(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor, noise: Tensor | None) -> Tensor:
         """The regression loss of `net` on one (coupled) batch at times `t`."""
 
     @abstractmethod
@@ -33,9 +31,7 @@ class VelocityObjective(Objective):
     The network predicts the velocity itself, so `to_velocity` is the identity.
     """
 
-    def loss(
-        self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor, noise: Tensor | None
-    ) -> Tensor:
+    def loss(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor, noise: Tensor | None) -> Tensor:
         x_t, u_t = path.sample_with_target(t, x0, x1, noise)
         return (net(t, x_t) - u_t).pow(2).mean()
 

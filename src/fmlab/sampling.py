@@ -56,9 +56,7 @@ class ODESolver:
     `num_steps` uniform steps. NFE is the number of field calls, counted by the caller's field.
     """
 
-    def __init__(
-        self, method: str = "dopri5", atol: float = 1e-5, rtol: float = 1e-5, num_steps: int = 100
-    ) -> None:
+    def __init__(self, method: str = "dopri5", atol: float = 1e-5, rtol: float = 1e-5, num_steps: int = 100) -> None:
         if method not in FIXED_STEP_METHODS and method not in ADAPTIVE_METHODS:
             raise choices_error("solver.method", method, [*ADAPTIVE_METHODS, *FIXED_STEP_METHODS])
         if method in FIXED_STEP_METHODS and num_steps < 1:
@@ -75,13 +73,9 @@ class ODESolver:
         self, field: nn.Module, x_start: Tensor, t0: float, t1: float, num_trajectory_times: int = 0
     ) -> Tensor:
         """x(t1), or the states at `num_trajectory_times` uniform times in [t0, t1] when that is ≥ 2."""
-        times = torch.linspace(
-            t0, t1, max(num_trajectory_times, 2), dtype=x_start.dtype, device=x_start.device
-        )
+        times = torch.linspace(t0, t1, max(num_trajectory_times, 2), dtype=x_start.dtype, device=x_start.device)
         if self.is_adaptive:
-            states = odeint(
-                field, x_start, times, method=ADAPTIVE_METHODS[self.method], atol=self.atol, rtol=self.rtol
-            )
+            states = odeint(field, x_start, times, method=ADAPTIVE_METHODS[self.method], atol=self.atol, rtol=self.rtol)
         else:
             grid = torch.linspace(t0, t1, self.num_steps + 1, dtype=x_start.dtype, device=x_start.device)
             options = {"grid_constructor": lambda *_: grid}

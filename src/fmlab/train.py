@@ -54,9 +54,7 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     return [instantiate(node) for node in cfg.callbacks.values() if node and "_target_" in node]
 
 
-def run_metrics(
-    cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback]
-) -> dict[str, Any]:
+def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback]) -> dict[str, Any]:
     """What metrics.json records: the evaluation, the cost of training, and what was run."""
     metrics: dict[str, Any] = {
         "method": cfg.method.name,

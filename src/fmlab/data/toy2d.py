@@ -140,9 +140,7 @@ class PairStream(IterableDataset):
     and loader worker draws its own.
     """
 
-    def __init__(
-        self, source: Sampler, target: Sampler, batch_size: int, batches_per_epoch: int, seed: int
-    ) -> None:
+    def __init__(self, source: Sampler, target: Sampler, batch_size: int, batches_per_epoch: int, seed: int) -> None:
         self.source, self.target = source, target
         self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
         self.rank = 0
@@ -192,9 +190,7 @@ class Toy2DDataModule(L.LightningDataModule):
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.num_eval_samples, self.num_workers, self.seed = num_eval_samples, num_workers, seed
         self.data_shape: tuple[int, ...] = (2,)
-        self._stream = PairStream(
-            self.source_sampler, self.target_sampler, batch_size, batches_per_epoch, seed
-        )
+        self._stream = PairStream(self.source_sampler, self.target_sampler, batch_size, batches_per_epoch, seed)
 
     @property
     def name(self) -> str:

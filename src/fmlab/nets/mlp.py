@@ -22,9 +22,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 class MLP(nn.Module):
     """v(t, x) = MLP([x, t]): `depth` hidden layers of `width` units, time appended as one input feature."""
 
-    def __init__(
-        self, data_shape: Sequence[int], width: int = 64, depth: int = 3, activation: str = "selu"
-    ) -> None:
+    def __init__(self, data_shape: Sequence[int], width: int = 64, depth: int = 3, activation: str = "selu") -> None:
         super().__init__()
         if len(data_shape) != 1:
             raise UserError(

@@ -35,9 +35,7 @@ class AffinePath:
         if smoothing not in SMOOTHING_KINDS:
             raise choices_error("path.smoothing", smoothing, SMOOTHING_KINDS)
         if smoothing != "none" and smoothing_sigma <= 0:
-            raise UserError(
-                f"path.smoothing_sigma={smoothing_sigma} must be > 0 with smoothing={smoothing!r}"
-            )
+            raise UserError(f"path.smoothing_sigma={smoothing_sigma} must be > 0 with smoothing={smoothing!r}")
         if not 0.0 <= t_min < schedule.t_max <= 1.0:
             raise UserError(
                 f"path.t_min={t_min} with schedule t_max={schedule.t_max} is invalid; need 0 <= t_min < t_max <= 1"
@@ -55,9 +53,7 @@ class AffinePath:
     def has_smoothing(self) -> bool:
         return self.smoothing != "none"
 
-    def sample_time(
-        self, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> Tensor:
+    def sample_time(self, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """t ~ U[t_min, t_max]: the diffusion paths train on [0, 1 − 1e-5] where they are singular at t = 1."""
         t = torch.rand(n, device=device, dtype=dtype)
         return self.t_min + (self.t_max - self.t_min) * t

@@ -91,9 +91,7 @@ class VPLinear(Schedule):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_max: float = 1.0 - 1e-5) -> None:
         if not 0.0 <= beta_min < beta_max:
-            raise UserError(
-                f"schedule beta_min={beta_min}, beta_max={beta_max} is invalid; need 0 <= min < max"
-            )
+            raise UserError(f"schedule beta_min={beta_min}, beta_max={beta_max} is invalid; need 0 <= min < max")
         self.beta_min, self.beta_max, self.t_max = float(beta_min), float(beta_max), float(t_max)
 
     def _beta(self, s: Tensor) -> Tensor:
