@@ -19,12 +19,8 @@ FIXED_STEP_METHODS = {
     "heun3": "heun3",
     "rk4": "rk4",
 }
-ADAPTIVE_METHODS = {
-    "dopri5": "dopri5",
-    "dopri8": "dopri8",
-    "bosh3": "bosh3",
-    "adaptive_heun": "adaptive_heun",
-}
+# torchdiffeq's bosh3 is left out: at tight tolerances its end-point interpolation misses the tolerance ~1000x.
+ADAPTIVE_METHODS = {"dopri5": "dopri5", "dopri8": "dopri8", "adaptive_heun": "adaptive_heun"}
 
 
 class VelocityField(nn.Module):

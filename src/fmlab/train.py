@@ -11,20 +11,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import hydra
-import lightning as L
-import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, Timer
 from omegaconf import DictConfig, OmegaConf
 
 from fmlab import __version__
-from fmlab.callbacks import Evaluator
-from fmlab.module import FlowModule
 from fmlab.utils.cli import CONFIG_DIR, check_group_choices
 from fmlab.utils.errors import UserError, exit_on_user_error
-from fmlab.utils.loggers import finish_wandb, instantiate_loggers
-from fmlab.utils.run_files import config_digest, write_metrics
+
+if TYPE_CHECKING:  # torch and Lightning load inside `train`, so a bad command line fails in well under a second.
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from fmlab.module import FlowModule
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -37,6 +37,10 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def build_module(cfg: DictConfig) -> FlowModule:
+    from hydra.utils import instantiate
+
+    from fmlab.module import FlowModule
+
     return FlowModule(
         net=instantiate(cfg.net),
         path=instantiate(cfg.path),
@@ -49,6 +53,8 @@ def build_module(cfg: DictConfig) -> FlowModule:
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    from hydra.utils import instantiate
+
     if not cfg.get("callbacks"):
         return []
     return [instantiate(node) for node in cfg.callbacks.values() if node and "_target_" in node]
@@ -56,6 +62,12 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
 
 def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback]) -> dict[str, Any]:
     """What metrics.json records: the evaluation, the cost of training, and what was run."""
+    import torch
+    from lightning.pytorch.callbacks import Timer
+
+    from fmlab.callbacks import Evaluator
+    from fmlab.utils.run_files import config_digest
+
     metrics: dict[str, Any] = {
         "method": cfg.method.name,
         "data": cfg.data.get("target", cfg.data.get("name")),
@@ -64,6 +76,9 @@ def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbac
         "steps": trainer.global_step,
         "num_params": sum(p.numel() for p in module.net.parameters()),
         "config_digest": config_digest(cfg),
+        "path": repr(module.path),
+        "objective": repr(module.objective),
+        "coupling": repr(module.coupling),
         "fmlab_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -82,6 +97,12 @@ def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbac
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one model as `cfg` says and return its metrics (also written to <output_dir>/metrics.json)."""
     validate_config(cfg)
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from fmlab.utils.loggers import finish_wandb, instantiate_loggers
+    from fmlab.utils.run_files import write_metrics
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from fmlab.callbacks.ema import sampling_net  # noqa: E402
 from fmlab.sampling import ODEResult, ODESolver, sample  # noqa: E402
 
 
@@ -56,7 +57,7 @@ class SampleLogger(L.Callback):
         module.eval()
         try:
             x0 = datamodule.eval_source(self.num_samples).to(module.device)
-            result = sample(module.velocity_field(), x0, self.solver, self.num_trajectory_times)
+            result = sample(module.velocity_field(sampling_net(trainer, module)), x0, self.solver, self.num_trajectory_times)
         finally:
             module.train(was_training)
         if not trainer.is_global_zero:

@@ -20,6 +20,15 @@ def choices_error(name: str, value: object, choices: Iterable[object]) -> UserEr
     return UserError(f"{name}={value!r} is not a valid choice; choose one of: {listed}")
 
 
+def find_user_error(error: BaseException) -> UserError | None:
+    """The `UserError` behind `error`, following `raise ... from` chains (Hydra's instantiate wraps errors)."""
+    while error is not None:
+        if isinstance(error, UserError):
+            return error
+        error = error.__cause__
+    return None
+
+
 def exit_on_user_error(func: F) -> F:
     """Turn a `UserError` raised anywhere below an entry point into one line on stderr and exit status 2."""
 
@@ -27,8 +36,11 @@ def exit_on_user_error(func: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except UserError as error:
-            print(f"fmlab: error: {error}", file=sys.stderr, flush=True)
+        except Exception as error:
+            user_error = find_user_error(error)
+            if user_error is None:
+                raise
+            print(f"fmlab: error: {user_error}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

@@ -1,0 +1,149 @@
+"""`make bench`: fmlab's costs as ratios to bare loops doing the same work, measured side by side in one run.
+
+Rows (each a median over alternating rounds, so machine noise hits both sides alike):
+- train step: `python -m fmlab.train`'s training loop (Lightning, FlowModule, the default per-step callbacks and
+  CSV logging) against a hand-written PyTorch loop with the same net, data stream, optimiser, LR schedule and EMA.
+- minibatch OT: the same comparison for `method=otcfm` (exact OT pairing each step on both sides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fmlab.utils.cli import CONFIG_DIR
+
+
+def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+class StepClock(L.Callback):
+    """Seconds per training step after `warmup` steps."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.started, self.steps = warmup, 0.0, 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.warmup:
+            self.started = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.steps = trainer.global_step - self.warmup
+        self.seconds_per_step = (time.perf_counter() - self.started) / self.steps
+
+
+def fmlab_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
+    """Per-step seconds of fmlab's training loop as `python -m fmlab.train` runs it, minus end-of-fit evaluation."""
+    from fmlab.train import build_callbacks, build_module
+
+    with TemporaryDirectory() as tmp:
+        cfg = compose_config(
+            [*overrides, "logger=csv", f"trainer.max_steps={steps}", "~callbacks.evaluator", "~callbacks.sample_logger"],
+            Path(tmp),
+        )
+        L.seed_everything(cfg.seed, verbose=False)
+        clock = StepClock(warmup)
+        callbacks = [*build_callbacks(cfg), clock]
+        loggers = [instantiate(node) for node in cfg.logger.values()]
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_progress_bar=True)
+        trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data))
+    return clock.seconds_per_step
+
+
+def bare_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
+    """The same work in a plain PyTorch loop: same net, data stream, optimiser, schedule, coupling and EMA decay."""
+    with TemporaryDirectory() as tmp:
+        cfg = compose_config(overrides, Path(tmp))
+    torch.manual_seed(cfg.seed)
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.net)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    coupling = instantiate(cfg.coupling)
+    schedule = instantiate(cfg.schedule)
+    smoothing = float(cfg.path.smoothing_sigma) if cfg.path.smoothing == "constant" else 0.0
+    optimizer = instantiate(cfg.optimizer)(params=net.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.scheduler else None
+    decay = float(cfg.callbacks.ema.decay)
+    batches = iter(datamodule.train_dataloader())
+    started = 0.0
+    for step in range(steps):
+        if step == warmup:
+            started = time.perf_counter()
+        try:
+            x0, x1 = next(batches)
+        except StopIteration:
+            batches = iter(datamodule.train_dataloader())
+            x0, x1 = next(batches)
+        x0, x1 = coupling(x0, x1)
+        t = torch.rand(x1.shape[0], 1)
+        x_t = schedule.alpha(t) * x1 + schedule.sigma(t) * x0
+        u_t = schedule.d_alpha(t) * x1 + schedule.d_sigma(t) * x0
+        if smoothing:
+            x_t = x_t + smoothing * torch.randn_like(x1)
+        loss = (net(t.reshape(-1), x_t) - u_t).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
+    return (time.perf_counter() - started) / (steps - warmup)
+
+
+def compare(name: str, overrides: list[str], steps: int, warmup: int, rounds: int) -> dict[str, Any]:
+    ours, bare = [], []
+    for _ in range(rounds):
+        bare.append(bare_step_seconds(overrides, steps, warmup))
+        ours.append(fmlab_step_seconds(overrides, steps, warmup))
+    ratios = [o / b for o, b in zip(ours, bare, strict=True)]
+    return {
+        "name": name,
+        "fmlab_ms": 1e3 * statistics.median(ours),
+        "bare_ms": 1e3 * statistics.median(bare),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1500, help="training steps per measurement")
+    parser.add_argument("--warmup", type=int, default=300, help="steps left out of each measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per row (the median is shown)")
+    args = parser.parse_args()
+    rows = [
+        compare("train step, FM-OT 2D MLP (default job)", [], args.steps, args.warmup, args.rounds),
+        compare("train step, OT-CFM 2D MLP (exact minibatch OT)", ["method=otcfm"], args.steps, args.warmup, args.rounds),
+    ]
+    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"{'measurement':52s} {'fmlab ms':>9s} {'bare ms':>8s} {'ratio':>6s}  rounds")
+    for row in rows:
+        rounds = " ".join(f"{r:.2f}" for r in row["ratios"])
+        print(f"{row['name']:52s} {row['fmlab_ms']:9.3f} {row['bare_ms']:8.3f} {row['ratio']:6.2f}  {rounds}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Every option of every config group composes, and the objects it names instantiate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from fmlab.module import FlowModule
+from fmlab.train import build_callbacks, build_module
+from fmlab.utils.cli import CONFIG_DIR, group_options
+from fmlab.utils.loggers import instantiate_loggers
+
+GROUPS = ["method", "path", "schedule", "objective", "coupling", "data", "net", "solver", "trainer", "logger"]
+GROUPS += ["callbacks", "debug", "experiment"]
+OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
+
+
+def test_every_group_has_options() -> None:
+    assert all(group_options(group) for group in GROUPS)
+    assert {"moons", "8gaussians", "checkerboard", "scurve", "swissroll", "circles", "pinwheel", "2spirals"} <= set(
+        group_options("data")
+    )
+    assert (CONFIG_DIR / "train.yaml").is_file()
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_instantiates(group: str, option: str, train_config, tmp_path: Path) -> None:
+    cfg = train_config(f"{group}={option}")
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    assert isinstance(module, FlowModule)
+    assert datamodule.data_shape == tuple(cfg.data.shape)
+    instantiate(cfg.solver)
+    callbacks = build_callbacks(cfg)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    assert trainer.max_steps == cfg.trainer.max_steps
+    if group in ("method", "experiment"):
+        assert cfg.method.name in group_options("method")
+
+
+def test_method_presets_set_their_components(train_config) -> None:
+    expected = {
+        "fm_ot": ("CondOT", "none", "IndependentCoupling"),
+        "fm_vp": ("VPLinear", "none", "IndependentCoupling"),
+        "icfm": ("Linear", "constant", "IndependentCoupling"),
+        "otcfm": ("Linear", "constant", "MinibatchOTCoupling"),
+        "sbcfm": ("Linear", "bridge", "MinibatchOTCoupling"),
+    }
+    for method, (schedule, smoothing, coupling) in expected.items():
+        module = build_module(train_config(f"method={method}"))
+        assert type(module.path.schedule).__name__ == schedule, method
+        assert module.path.smoothing == smoothing and type(module.coupling).__name__ == coupling, method
+
+
+def test_command_line_group_choices_override_the_method_preset(train_config) -> None:
+    module = build_module(train_config("method=fm_vp", "schedule=vp_cosine"))
+    assert type(module.path.schedule).__name__ == "VPCosine"
+    module = build_module(train_config("path=vp"))
+    assert type(module.path.schedule).__name__ == "VPLinear"

@@ -1,0 +1,26 @@
+"""Backbones: shapes, time conditioning, and clear errors for the wrong data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fmlab.nets import MLP
+from fmlab.utils.errors import UserError
+
+
+def test_mlp_maps_time_and_points_to_vectors_of_the_same_shape() -> None:
+    net = MLP((2,), width=32, depth=2, activation="silu")
+    x = torch.randn(10, 2)
+    out = net(torch.rand(10), x)
+    assert out.shape == x.shape
+    assert not torch.allclose(net(torch.zeros(10), x), net(torch.ones(10), x))  # time matters
+    assert torch.equal(net(torch.tensor(0.3), x), net(torch.full((10,), 0.3), x))  # scalar t broadcasts
+    assert sum(p.numel() for p in net.parameters()) == (3 * 32 + 32) + (32 * 32 + 32) + (32 * 2 + 2)
+
+
+def test_mlp_rejects_image_data_and_unknown_activation() -> None:
+    with pytest.raises(UserError, match=r"net=mlp takes vector data, got data shape \[1, 8, 8\]"):
+        MLP((1, 8, 8))
+    with pytest.raises(UserError, match="net.activation='swish'.*selu"):
+        MLP((2,), activation="swish")

@@ -1,0 +1,97 @@
+"""The main job end to end: CLI, a fast_dev_run, a short real run, its files, and the CLI's errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmlab.callbacks import Evaluator
+from fmlab.data.toy2d import Toy2DDataModule
+from fmlab.module import FlowModule
+from fmlab.sampling import ODESolver
+from fmlab.train import build_module, train
+from tests.conftest import REPO_ROOT, run_cli
+
+METRICS_KEYS = {"w2", "w2_floor", "nfe", "train_seconds", "steps", "method", "data", "seed", "config_digest"}
+
+
+def untrained_w2(cfg) -> float:
+    torch.manual_seed(cfg.seed)
+    module = build_module(cfg)
+    datamodule = Toy2DDataModule(cfg.data.target, cfg.data.source, num_eval_samples=cfg.data.num_eval_samples)
+    return Evaluator(ODESolver("dopri5"), cfg.data.num_eval_samples).evaluate(module, datamodule)["w2"]
+
+
+def test_short_fm_ot_run_beats_untrained_net_and_writes_its_files(train_config, tmp_path: Path) -> None:
+    cfg = train_config("logger=csv", "trainer.max_steps=1500", "data.num_eval_samples=1000")
+    metrics = train(cfg)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert METRICS_KEYS <= on_disk.keys()
+    assert on_disk["w2"] == pytest.approx(metrics["w2"]) and on_disk["steps"] == 1500
+    assert (on_disk["method"], on_disk["data"], on_disk["seed"]) == ("fm_ot", "moons", 0)
+    assert isinstance(on_disk["nfe"], int) and on_disk["nfe"] >= 14  # dopri5: at least 2 steps of 6 + 2 start calls
+    assert on_disk["w2"] < 0.4 * untrained_w2(cfg)
+    assert 0.03 < on_disk["w2_floor"] < on_disk["w2"]
+    # the loss is logged as a running mean on exactly the steps the loggers write
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == list(range(49, 1500, 50))
+    assert (tmp_path / "samples.png").stat().st_size > 10_000
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 1500 and any("EMA" in key for key in checkpoint["callbacks"])
+    restored = build_module(cfg)
+    restored.load_state_dict(checkpoint["state_dict"])
+    assert isinstance(restored, FlowModule)
+
+
+@pytest.mark.parametrize("method", ["icfm", "otcfm"])
+def test_data_to_data_cfm_from_8gaussians_to_moons_learns(method: str, train_config) -> None:
+    cfg = train_config(
+        f"method={method}", "data.source=8gaussians", "logger=none", "trainer.max_steps=800", "data.num_eval_samples=500"
+    )
+    metrics = train(cfg)
+    assert metrics["w2"] < 0.5 * untrained_w2(cfg)
+
+
+def test_fast_dev_run_through_the_cli(tmp_path: Path) -> None:
+    result = run_cli("fmlab.train", "debug=fdr", "logger=none", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 1 and metrics["w2"] > 0
+
+
+def test_default_job_leaves_config_csv_wandb_checkpoint_png_and_metrics(tmp_path: Path) -> None:
+    result = run_cli("fmlab.train", "trainer.max_steps=120", "data.num_eval_samples=300", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    assert run_dir.name.endswith("_fm_ot_moons_seed0")
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "samples.png").is_file()
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 120
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data=nope", "data=nope is not a valid choice; choose one of: 2spirals, 8gaussians, checkerboard"),
+        ("method=nope", "method=nope is not a valid choice; choose one of: fm_ot, fm_vp, icfm, otcfm, sbcfm"),
+        ("trainer.max_steps=-1", "trainer.max_steps=-1 is invalid; it must be a positive integer"),
+        ("schedule.sigma_min=0", "schedule.sigma_min=0 is invalid; it must satisfy 0 < sigma_min < 1"),
+    ],
+)
+def test_bad_overrides_end_with_one_line_naming_value_and_choices(override: str, expected: str, tmp_path: Path) -> None:
+    result = run_cli("fmlab.train", override, "logger=none", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fmlab: error: ") and expected in lines[0], result.stderr
+
+
+def test_repo_root_is_where_the_configs_live() -> None:
+    assert (REPO_ROOT / "conf" / "train.yaml").is_file()
