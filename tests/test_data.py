@@ -32,7 +32,9 @@ def test_moons_mean_matches_closed_form_of_torchcfm_definition() -> None:
 def test_8gaussians_variance_matches_torchcfm_definition() -> None:
     """Centres 5(cos, sin)(kπ/4) give 12.5 per coordinate; TorchCFM's covariance √0.1 adds √0.1."""
     x = get_distribution("8gaussians")(400_000, torch.Generator().manual_seed(0)).double()
-    torch.testing.assert_close(x.var(0), torch.full((2,), 12.5 + math.sqrt(0.1), dtype=torch.float64), rtol=1e-2, atol=0)
+    torch.testing.assert_close(
+        x.var(0), torch.full((2,), 12.5 + math.sqrt(0.1), dtype=torch.float64), rtol=1e-2, atol=0
+    )
 
 
 def test_held_out_set_is_fixed_per_seed_and_independent_of_training_stream() -> None:

@@ -60,7 +60,13 @@ def fmlab_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
 
     with TemporaryDirectory() as tmp:
         cfg = compose_config(
-            [*overrides, "logger=csv", f"trainer.max_steps={steps}", "~callbacks.evaluator", "~callbacks.sample_logger"],
+            [
+                *overrides,
+                "logger=csv",
+                f"trainer.max_steps={steps}",
+                "~callbacks.evaluator",
+                "~callbacks.sample_logger",
+            ],
             Path(tmp),
         )
         L.seed_everything(cfg.seed, verbose=False)
@@ -136,7 +142,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = [
         compare("train step, FM-OT 2D MLP (default job)", [], args.steps, args.warmup, args.rounds),
-        compare("train step, OT-CFM 2D MLP (exact minibatch OT)", ["method=otcfm"], args.steps, args.warmup, args.rounds),
+        compare(
+            "train step, OT-CFM 2D MLP (exact minibatch OT)", ["method=otcfm"], args.steps, args.warmup, args.rounds
+        ),
     ]
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(f"{'measurement':52s} {'fmlab ms':>9s} {'bare ms':>8s} {'ratio':>6s}  rounds")

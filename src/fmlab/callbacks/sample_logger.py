@@ -57,7 +57,9 @@ class SampleLogger(L.Callback):
         module.eval()
         try:
             x0 = datamodule.eval_source(self.num_samples).to(module.device)
-            result = sample(module.velocity_field(sampling_net(trainer, module)), x0, self.solver, self.num_trajectory_times)
+            result = sample(
+                module.velocity_field(sampling_net(trainer, module)), x0, self.solver, self.num_trajectory_times
+            )
         finally:
             module.train(was_training)
         if not trainer.is_global_zero:
