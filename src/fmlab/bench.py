@@ -19,24 +19,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fmlab.utils.cli import CONFIG_DIR
-
-
-def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    OmegaConf.set_readonly(cfg.hydra, False)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+from fmlab.utils.config import compose_train_config
 
 
 class StepClock(L.Callback):
@@ -59,7 +44,7 @@ def fmlab_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
     from fmlab.train import build_callbacks, build_module
 
     with TemporaryDirectory() as tmp:
-        cfg = compose_config(
+        cfg = compose_train_config(
             [
                 *overrides,
                 "logger=csv",
@@ -81,7 +66,7 @@ def fmlab_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
 def bare_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
     """The same work in a plain PyTorch loop: same net, data stream, optimiser, schedule, coupling and EMA decay."""
     with TemporaryDirectory() as tmp:
-        cfg = compose_config(overrides, Path(tmp))
+        cfg = compose_train_config(overrides, Path(tmp))
     torch.manual_seed(cfg.seed)
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.net)

@@ -55,7 +55,7 @@ class FlowModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, x1 = self.coupling(*batch)
-        t = self.path.sample_time(x1.shape[0], device=x1.device, dtype=x1.dtype)
+        t = self.objective.sample_time(self.path, x1.shape[0], device=x1.device, dtype=x1.dtype)
         noise = torch.randn_like(x1) if self.path.has_smoothing else None
         loss = self.objective.loss(self.net, self.path, t, x0, x1, noise)
         self._log_running_loss(loss)

@@ -84,11 +84,58 @@ class ODESolver:
         return f"ODESolver({self.method}, num_steps={self.num_steps})"
 
 
+class AncestralSampler:
+    """DDPM's ancestral sampler (Ho et al. 2020, Alg. 2) on a uniform grid t_min = t_0 < ... < t_N = t_max.
+
+    Between grid times the forward process is x_i = a x_{i+1} + b z with a = α_i/α_{i+1}, b² = σ_i² − a² σ_{i+1}²
+    (i + 1 is nearer the data), and each step draws from its Gaussian posterior given x̂1 = (x − σ_i ε̂)/α_i:
+
+        mean = (a σ_{i+1}² / σ_i²) x_i + (α_{i+1} b² / σ_i²) x̂1,   variance = b² σ_{i+1}² / σ_i²,
+
+    without noise on the last step. ε̂ comes from the PF-ODE velocity through the path, so any method on a Gaussian
+    path can use it; with the VP path and N = 1000 this is DDPM's 1000-step sampler. NFE = N.
+    """
+
+    is_adaptive = False
+
+    def __init__(self, num_steps: int = 1000) -> None:
+        if num_steps < 1:
+            raise UserError(f"solver.num_steps={num_steps} must be >= 1 for the ancestral sampler")
+        self.method, self.num_steps = "ancestral", int(num_steps)
+
+    def integrate(self, field: VelocityField, x_start: Tensor, t0: float, t1: float, num_trajectory_times: int = 0):
+        path = field.path
+        if path.has_smoothing:
+            raise UserError(f"solver=ancestral needs a Gaussian path without smoothing noise; got {path!r}")
+        grid = torch.linspace(t0, t1, self.num_steps + 1, dtype=x_start.dtype, device=x_start.device)
+        alpha, sigma = path.schedule.alpha(grid), path.schedule.sigma(grid)
+        x = x_start
+        keep = set(torch.linspace(0, self.num_steps, max(num_trajectory_times, 2)).round().long().tolist())
+        states = [x] if 0 in keep else []
+        for i in range(self.num_steps):
+            epsilon = path.epsilon_from_velocity(field(grid[i], x), x, grid[i].expand(x.shape[0]))
+            x1_hat = (x - sigma[i] * epsilon) / alpha[i]
+            a = alpha[i] / alpha[i + 1]
+            b2 = (sigma[i] ** 2 - a**2 * sigma[i + 1] ** 2).clamp_min(0)
+            x = (a * sigma[i + 1] ** 2 / sigma[i] ** 2) * x + (alpha[i + 1] * b2 / sigma[i] ** 2) * x1_hat
+            if i + 1 < self.num_steps:
+                x = x + torch.sqrt(b2 * sigma[i + 1] ** 2 / sigma[i] ** 2) * torch.randn_like(x)
+            if i + 1 in keep:
+                states.append(x)
+        return torch.stack(states) if num_trajectory_times >= 2 else x
+
+    def __repr__(self) -> str:
+        return f"AncestralSampler(num_steps={self.num_steps})"
+
+
 @torch.no_grad()
-def sample(field: VelocityField, x0: Tensor, solver: ODESolver, num_trajectory_times: int = 0) -> ODEResult:
+def sample(
+    field: VelocityField, x0: Tensor, solver: ODESolver | AncestralSampler, num_trajectory_times: int = 0
+) -> ODEResult:
     """Generate from source samples x0: integrate the PF-ODE from the path's t_min to t_max.
 
-    The start point is the path's prior sample σ_{t_min} x0; NFE is the exact number of net calls.
+    The start point is the path's prior sample σ_{t_min} x0; NFE is the exact number of net calls. The ancestral
+    sampler (DDPM) goes the same way with its stochastic steps.
     """
     path = field.path
     field.nfe = 0

@@ -7,6 +7,7 @@ Definitions follow the papers' code so figures compare: `moons` and `8gaussians`
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -18,6 +19,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from fmlab.utils.errors import UserError, choices_error
 
 Sampler = Callable[[int, torch.Generator], Tensor]
+
+# PairStream splits its batches between loader workers itself, so its __len__ is exact; Lightning warns regardless.
+warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
 
 
 def _uniform(n: int, g: torch.Generator, *shape: int) -> Tensor:
@@ -210,6 +214,6 @@ class Toy2DDataModule(L.LightningDataModule):
         """A fixed set of `n` data samples per (dataset, seed, index), never seen in training."""
         return self.target_sampler(n or self.num_eval_samples, seeded_generator(self.seed, "held_out", index))
 
-    def eval_source(self, n: int | None = None) -> Tensor:
-        """A fixed batch of source samples x0 from which evaluation generates."""
-        return self.source_sampler(n or self.num_eval_samples, seeded_generator(self.seed, "eval_source"))
+    def eval_source(self, n: int | None = None, draw: int = 0) -> Tensor:
+        """Fixed batches of source samples x0 from which evaluation generates, one per `draw`."""
+        return self.source_sampler(n or self.num_eval_samples, seeded_generator(self.seed, "eval_source", draw))

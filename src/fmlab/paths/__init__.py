@@ -1,6 +1,7 @@
 """Probability paths: schedules (α_t, σ_t), the affine path built on them, and minibatch couplings."""
 
 from fmlab.paths.couplings import IndependentCoupling, MinibatchOTCoupling
+from fmlab.paths.oracle import MarginalOracle
 from fmlab.paths.path import AffinePath, broadcast_time
 from fmlab.paths.schedules import CondOT, Linear, Schedule, VEGeometric, VPCosine, VPLinear
 
@@ -9,6 +10,7 @@ __all__ = [
     "CondOT",
     "IndependentCoupling",
     "Linear",
+    "MarginalOracle",
     "MinibatchOTCoupling",
     "Schedule",
     "VEGeometric",

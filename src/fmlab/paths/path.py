@@ -107,6 +107,52 @@ class AffinePath:
         log_norm = -0.5 * d * math.log(2 * math.pi) - d * torch.log(sigma.reshape(-1))
         return -0.5 * z.pow(2).flatten(1).sum(1) + log_norm
 
+    # Conversions between what a network may predict, for a Gaussian source (x_t = α_t x1 + σ_t ε, ε ~ N(0, I)).
+    # The score of the conditional path is ∇ log p_t(x | x1) = −(x − α_t x1)/σ_t² = −ε/σ_t (seed 003), so
+    # the marginal score, velocity, ε and x1 predictions are affine in one another at each (t, x).
+
+    def _coefficients(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        tb = broadcast_time(t, x)
+        s = self.schedule
+        return s.alpha(tb), s.sigma(tb), s.d_alpha(tb), s.d_sigma(tb)
+
+    def velocity_from_epsilon(self, epsilon: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """v = α̇ x̂1 + σ̇ ε̂ with x̂1 = (x − σ ε̂)/α, i.e. v = (α̇/α) x + (σ̇ − α̇ σ/α) ε̂."""
+        alpha, sigma, d_alpha, d_sigma = self._coefficients(t, x)
+        return d_alpha / alpha * x + (d_sigma - d_alpha * sigma / alpha) * epsilon
+
+    def epsilon_from_velocity(self, velocity: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """Inverse of `velocity_from_epsilon`: ε̂ = (α v − α̇ x)/(α σ̇ − α̇ σ)."""
+        alpha, sigma, d_alpha, d_sigma = self._coefficients(t, x)
+        return (alpha * velocity - d_alpha * x) / (alpha * d_sigma - d_alpha * sigma)
+
+    def epsilon_from_score(self, score: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """ε̂ = −σ_t ŝ (Tweedie: E[ε | x_t] = −σ_t ∇ log p_t(x_t))."""
+        return -self._coefficients(t, x)[1] * score
+
+    def score_from_epsilon(self, epsilon: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """ŝ = −ε̂ / σ_t."""
+        return -epsilon / self._coefficients(t, x)[1]
+
+    def x1_from_epsilon(self, epsilon: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """x̂1 = (x − σ_t ε̂)/α_t."""
+        alpha, sigma, _, _ = self._coefficients(t, x)
+        return (x - sigma * epsilon) / alpha
+
+    def epsilon_from_x1(self, x1: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """ε̂ = (x − α_t x̂1)/σ_t."""
+        alpha, sigma, _, _ = self._coefficients(t, x)
+        return (x - alpha * x1) / sigma
+
+    def diffusion_squared(self, t: Tensor) -> Tensor:
+        """g²(t) of the forward SDE with these marginals, in flow time: g² = 2σ_t² (α̇_t/α_t − σ̇_t/σ_t).
+
+        (In the diffusion's clock s = 1 − t this is d σ²/ds − 2 (d log α/ds) σ²; for VP it equals β(1 − t).)
+        """
+        s = self.schedule
+        alpha, sigma = s.alpha(t), s.sigma(t)
+        return 2 * sigma**2 * (s.d_alpha(t) / alpha - s.d_sigma(t) / sigma)
+
     def prior_sample(self, x0: Tensor) -> Tensor:
         """The ODE's starting point at t_min: σ_{t_min} x0 (N(0, σ_max² I) for VE, the source itself for OT)."""
         sigma = self.schedule.sigma(torch.tensor(self.t_min, dtype=x0.dtype, device=x0.device))
