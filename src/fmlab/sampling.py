@@ -71,7 +71,18 @@ class ODESolver:
         """x(t1), or the states at `num_trajectory_times` uniform times in [t0, t1] when that is ≥ 2."""
         times = torch.linspace(t0, t1, max(num_trajectory_times, 2), dtype=x_start.dtype, device=x_start.device)
         if self.is_adaptive:
-            states = odeint(field, x_start, times, method=ADAPTIVE_METHODS[self.method], atol=self.atol, rtol=self.rtol)
+            # step_t clips the last step onto t1: torchdiffeq otherwise steps past t1 and interpolates back, which
+            # would evaluate the field where diffusion schedules are undefined (t > 1: σ_t² < 0 for VP).
+            options = {"step_t": times[-1:]}
+            states = odeint(
+                field,
+                x_start,
+                times,
+                method=ADAPTIVE_METHODS[self.method],
+                atol=self.atol,
+                rtol=self.rtol,
+                options=options,
+            )
         else:
             grid = torch.linspace(t0, t1, self.num_steps + 1, dtype=x_start.dtype, device=x_start.device)
             options = {"grid_constructor": lambda *_: grid}
