@@ -19,6 +19,9 @@ from fmlab.utils.errors import UserError
 class Objective(ABC):
     """loss = E_{t, x0, x1} w(t) ‖net(t, x_t) − target‖², averaged over batch and dimensions."""
 
+    # ε, score and x1 are interchangeable only when x0 ~ N(0, I): such objectives refuse a data source.
+    needs_gaussian_source: bool = False
+
     def sample_time(self, path: AffinePath, n: int, device: torch.device | None, dtype: torch.dtype | None) -> Tensor:
         """Training times; uniform on the path's range unless the objective importance-samples them."""
         return path.sample_time(n, device=device, dtype=dtype)
@@ -60,6 +63,8 @@ class EpsilonObjective(Objective):
     PF-ODE velocity: v = α̇ x̂1 + σ̇ ε̂ with x̂1 = (x − σ ε̂)/α (`AffinePath.velocity_from_epsilon`).
     """
 
+    needs_gaussian_source = True
+
     def loss(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor, noise: Tensor | None) -> Tensor:
         _require_gaussian_path(path, "epsilon")
         x_t, _ = path.sample_with_target(t, x0, x1)
@@ -78,6 +83,8 @@ class ScoreObjective(Objective):
     E σ_t² ‖s_θ(t, x_t) − ∇ log p_t(x_t | x1)‖², with ∇ log p_t(x_t | x1) = −ε/σ_t. The score network's output
     is divided by σ_t (`scale_by_sigma`, NCSN's parameterisation), s_θ = −net/σ_t, which keeps its scale O(1).
     """
+
+    needs_gaussian_source = True
 
     def __init__(self, scale_by_sigma: bool = True) -> None:
         self.scale_by_sigma = scale_by_sigma

@@ -104,6 +104,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
+    source = getattr(datamodule, "source", "gaussian")
+    if module.objective.needs_gaussian_source and source != "gaussian":
+        raise UserError(
+            f"data.source={source} cannot be used with method={cfg.method.name}: its objective "
+            f"({module.objective!r}) assumes a N(0, I) source; use data.source=gaussian or a velocity objective"
+        )
     callbacks = build_callbacks(cfg)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
