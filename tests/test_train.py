@@ -86,7 +86,10 @@ def test_default_job_leaves_config_csv_wandb_checkpoint_png_and_metrics(tmp_path
     ("override", "expected"),
     [
         ("data=nope", "data=nope is not a valid choice; choose one of: 2spirals, 8gaussians, checkerboard"),
-        ("method=nope", "method=nope is not a valid choice; choose one of: ddpm, fm_ot, fm_vp, icfm, otcfm, sbcfm, score_ve, scoreflow"),
+        (
+            "method=nope",
+            "method=nope is not a valid choice; choose one of: ddpm, fm_ot, fm_vp, icfm, otcfm, sbcfm, score_ve",
+        ),
         ("trainer.max_steps=-1", "trainer.max_steps=-1 is invalid; it must be a positive integer"),
         ("schedule.sigma_min=0", "schedule.sigma_min=0 is invalid; it must satisfy 0 < sigma_min < 1"),
     ],

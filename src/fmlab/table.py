@@ -110,7 +110,9 @@ def make_table(cfg: DictConfig) -> str:
         run_sweeps(cfg.table, sweep_dir)
     records = collect_metrics(sweep_dir)
     if not records:
-        raise UserError(f"sweep_dir={sweep_dir} holds no {METRICS_FILE}; run the table first (run=true) or point at a sweep")
+        raise UserError(
+            f"sweep_dir={sweep_dir} holds no {METRICS_FILE}; run the table first (run=true) or give a sweep"
+        )
     cells = aggregate(records, cfg.table.rows, cfg.table.columns)
     markdown = render_markdown(cfg.table, cells)
     sweep_dir.mkdir(parents=True, exist_ok=True)
