@@ -118,28 +118,46 @@ class ScoreLikelihoodObjective(ScoreObjective):
     as E_{t~U} g² ‖s_θ − ∇ log p_t(x | x1)‖² up to the factor (t_max − t_min), far lower variance.
     """
 
+    TABLE_SIZE = 4097
+
     def __init__(self, scale_by_sigma: bool = True, importance_sampling: bool = True) -> None:
         super().__init__(scale_by_sigma)
         self.importance_sampling = importance_sampling
+        self._inverse_tables: dict[int, tuple[AffinePath, Tensor]] = {}
 
     @staticmethod
     def log_snr(path: AffinePath, t: Tensor) -> Tensor:
         return 2 * (torch.log(path.schedule.alpha(t)) - torch.log(path.schedule.sigma(t)))
 
-    def sample_time(self, path: AffinePath, n: int, device: torch.device | None, dtype: torch.dtype | None) -> Tensor:
-        if not self.importance_sampling:
-            return path.sample_time(n, device=device, dtype=dtype)
+    def _inverse_log_snr_table(self, path: AffinePath) -> Tensor:
+        """t at 4,097 equally spaced log-SNR values on [t_min, t_max], found once per path by bisection."""
+        cached = self._inverse_tables.get(id(path))
+        if cached is not None and cached[0] is path:
+            return cached[1]
         bounds = torch.tensor([path.t_min, path.t_max], dtype=torch.float64)
         low, high = self.log_snr(path, bounds).tolist()
         if not (math.isfinite(low) and math.isfinite(high)):
             raise UserError(f"objective=score_likelihood needs a finite log-SNR on [t_min, t_max]; {path!r} has none")
-        target = low + (high - low) * torch.rand(n, dtype=torch.float64)
+        target = torch.linspace(low, high, self.TABLE_SIZE, dtype=torch.float64)
         lo, hi = torch.full_like(target, path.t_min), torch.full_like(target, path.t_max)
-        for _ in range(50):  # log-SNR increases with t: bisection to float64 resolution
+        for _ in range(60):  # log-SNR increases with t: bisection to float64 resolution
             mid = 0.5 * (lo + hi)
             below = self.log_snr(path, mid) < target
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-        return (0.5 * (lo + hi)).to(device=device, dtype=dtype or torch.get_default_dtype())
+        table = 0.5 * (lo + hi)
+        table[0], table[-1] = path.t_min, path.t_max
+        self._inverse_tables[id(path)] = (path, table)
+        return table
+
+    def sample_time(self, path: AffinePath, n: int, device: torch.device | None, dtype: torch.dtype | None) -> Tensor:
+        """t with log SNR(t) ~ U[log SNR(t_min), log SNR(t_max)]: the inverse is tabulated once and interpolated."""
+        if not self.importance_sampling:
+            return path.sample_time(n, device=device, dtype=dtype)
+        table = self._inverse_log_snr_table(path)
+        position = torch.rand(n, dtype=torch.float64) * (self.TABLE_SIZE - 1)
+        index = position.floor().long().clamp(max=self.TABLE_SIZE - 2)
+        t = torch.lerp(table[index], table[index + 1], position - index)
+        return t.to(device=device, dtype=dtype or torch.get_default_dtype())
 
     def weight(self, path: AffinePath, t: Tensor) -> Tensor:
         g2_over_sigma2 = path.diffusion_squared(t) / path.schedule.sigma(t) ** 2
