@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fmlab.utils.cli import CONFIG_DIR, check_group_choices
+from fmlab.utils.cli import CONFIG_DIR, check_group_choices, run_entry_point
 from fmlab.utils.errors import UserError, exit_on_user_error
 from fmlab.utils.run_files import METRICS_FILE
 
@@ -128,10 +128,8 @@ def hydra_main(cfg: DictConfig) -> None:
     make_table(cfg)
 
 
-@exit_on_user_error
 def main() -> None:
-    check_group_choices(sys.argv[1:])
-    hydra_main()
+    run_entry_point(hydra_main)
 
 
 if __name__ == "__main__":

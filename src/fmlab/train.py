@@ -6,7 +6,6 @@ metric a sweeper optimises.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fmlab import __version__
-from fmlab.utils.cli import CONFIG_DIR, check_group_choices
+from fmlab.utils.cli import CONFIG_DIR, run_entry_point
 from fmlab.utils.errors import UserError, exit_on_user_error
 
 if TYPE_CHECKING:  # torch and Lightning load inside `train`, so a bad command line fails in well under a second.
@@ -134,10 +133,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-@exit_on_user_error
 def main() -> None:
-    check_group_choices(sys.argv[1:])
-    hydra_main()
+    run_entry_point(hydra_main)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -42,3 +44,16 @@ def check_group_choices(args: list[str], config_dir: Path = CONFIG_DIR) -> None:
         for value in _override_values(override):
             if value not in options and value != "null":
                 raise UserError(f"{group}={value} is not a valid choice; choose one of: {', '.join(options)}")
+
+
+def run_entry_point(hydra_main: Callable[[], object]) -> None:
+    """What every `python -m fmlab.<entry>` does: check the group choices on the command line, then hand over to
+    Hydra; a user error anywhere ends as one line and exit status 2."""
+    from fmlab.utils.errors import exit_on_user_error
+
+    @exit_on_user_error
+    def checked() -> None:
+        check_group_choices(sys.argv[1:])
+        hydra_main()
+
+    checked()
