@@ -66,10 +66,19 @@ class ODESolver:
         return self.method in ADAPTIVE_METHODS
 
     def integrate(
-        self, field: nn.Module, x_start: Tensor, t0: float, t1: float, num_trajectory_times: int = 0
-    ) -> Tensor:
-        """x(t1), or the states at `num_trajectory_times` uniform times in [t0, t1] when that is ≥ 2."""
-        times = torch.linspace(t0, t1, max(num_trajectory_times, 2), dtype=x_start.dtype, device=x_start.device)
+        self,
+        field: nn.Module,
+        x_start: Tensor | tuple[Tensor, ...],
+        t0: float,
+        t1: float,
+        num_trajectory_times: int = 0,
+    ) -> Tensor | tuple[Tensor, ...]:
+        """x(t1), or the states at `num_trajectory_times` uniform times in [t0, t1] when that is ≥ 2.
+
+        `x_start` may be a tuple of tensors (an augmented state such as (x, log-density)); t1 < t0 runs backwards.
+        """
+        like = x_start[0] if isinstance(x_start, tuple) else x_start
+        times = torch.linspace(t0, t1, max(num_trajectory_times, 2), dtype=like.dtype, device=like.device)
         if self.is_adaptive:
             # step_t clips the last step onto t1: torchdiffeq otherwise steps past t1 and interpolates back, which
             # would evaluate the field where diffusion schedules are undefined (t > 1: σ_t² < 0 for VP).
@@ -84,10 +93,12 @@ class ODESolver:
                 options=options,
             )
         else:
-            grid = torch.linspace(t0, t1, self.num_steps + 1, dtype=x_start.dtype, device=x_start.device)
+            grid = torch.linspace(t0, t1, self.num_steps + 1, dtype=like.dtype, device=like.device)
             options = {"grid_constructor": lambda *_: grid}
             states = odeint(field, x_start, times, method=FIXED_STEP_METHODS[self.method], options=options)
-        return states if num_trajectory_times >= 2 else states[-1]
+        if num_trajectory_times >= 2:
+            return states
+        return tuple(s[-1] for s in states) if isinstance(states, tuple) else states[-1]
 
     def __repr__(self) -> str:
         if self.is_adaptive:
