@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from fmlab.utils.cli import CONFIG_DIR, check_group_choices, run_entry_point
@@ -88,14 +89,28 @@ def write_csv(target: Path, table: DictConfig, cells: dict[tuple[str, str], list
                 writer.writerow([row, column, len(runs), *values])
 
 
+def expected_jobs(args: list[str]) -> int:
+    """How many jobs a multirun over `args` launches: the product of the sweep lists' lengths."""
+    count = 1
+    for override in OverridesParser.create().parse_overrides(args):
+        if override.is_sweep_override():
+            count *= len(list(override.sweep_iterator()))
+    return count
+
+
 def run_sweeps(table: DictConfig, sweep_dir: Path) -> None:
-    """One `fmlab.train -m` per named sweep, each into `<sweep_dir>/<sweep name>`; finished ones are skipped."""
+    """One `fmlab.train -m` per named sweep, each into `<sweep_dir>/<sweep name>`; complete ones are skipped,
+    an incomplete one (a crash, a kill) runs again whole."""
     for name, overrides in table.sweeps.items():
         target = sweep_dir / name
-        if target.is_dir() and any(target.rglob(METRICS_FILE)):
-            print(f"fmlab.table: {target} has results; not running it again", flush=True)
+        args = [*table.common, *overrides]
+        done, expected = len(list(target.rglob(METRICS_FILE))) if target.is_dir() else 0, expected_jobs(args)
+        if done >= expected:
+            print(f"fmlab.table: {target} has all {expected} runs; not running it again", flush=True)
             continue
-        args = [*table.common, *overrides, f"hydra.sweep.dir={target}"]
+        if done:
+            print(f"fmlab.table: {target} has {done} of {expected} runs; running the sweep again", flush=True)
+        args.append(f"hydra.sweep.dir={target}")
         check_group_choices(args)
         print(f"fmlab.table: python -m fmlab.train -m {' '.join(args)}", flush=True)
         result = subprocess.run([sys.executable, "-m", "fmlab.train", "-m", *args])
