@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from fmlab.module import FlowModule
 from fmlab.train import build_callbacks, build_module
 from fmlab.utils.cli import CONFIG_DIR, group_options
-from fmlab.utils.loggers import instantiate_loggers
+from fmlab.utils.config import instantiate_each
 
 GROUPS = ["method", "path", "schedule", "objective", "coupling", "data", "net", "solver", "trainer", "logger"]
 GROUPS += ["callbacks", "debug", "experiment"]
@@ -35,7 +35,7 @@ def test_option_composes_and_instantiates(group: str, option: str, train_config,
     assert datamodule.data_shape == tuple(cfg.data.shape)
     instantiate(cfg.solver)
     callbacks = build_callbacks(cfg)
-    loggers = instantiate_loggers(cfg.get("logger"))
+    loggers = instantiate_each(cfg.get("logger"))
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         return  # composes; Lightning refuses to build a GPU trainer on a machine without one
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
-from fmlab.utils.config import compose_train_config
+from fmlab.utils.config import compose_train_config, instantiate_each
 
 
 class StepClock(L.Callback):
@@ -59,7 +59,7 @@ def fmlab_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
         L.seed_everything(cfg.seed, verbose=False)
         clock = StepClock(warmup)
         callbacks = [*build_callbacks(cfg), clock]
-        loggers = [instantiate(node) for node in cfg.logger.values()]
+        loggers = instantiate_each(cfg.logger)
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_progress_bar=True)
         trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data))
     return clock.seconds_per_step

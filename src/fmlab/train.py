@@ -50,11 +50,9 @@ def build_module(cfg: DictConfig) -> FlowModule:
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
-    from hydra.utils import instantiate
+    from fmlab.utils.config import instantiate_each
 
-    if not cfg.get("callbacks"):
-        return []
-    return [instantiate(node) for node in cfg.callbacks.values() if node and "_target_" in node]
+    return instantiate_each(cfg.get("callbacks"))
 
 
 def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback]) -> dict[str, Any]:
@@ -97,7 +95,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
 
-    from fmlab.utils.loggers import finish_wandb, instantiate_loggers
+    from fmlab.utils.config import instantiate_each
+    from fmlab.utils.loggers import finish_wandb
     from fmlab.utils.run_files import write_metrics
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -110,7 +109,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"({module.objective!r}) assumes a N(0, I) source; use data.source=gaussian or a velocity objective"
         )
     callbacks = build_callbacks(cfg)
-    loggers = instantiate_loggers(cfg.get("logger"))
+    loggers = instantiate_each(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
         for logger in loggers:

@@ -22,3 +22,12 @@ def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictCo
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def instantiate_each(node: DictConfig | None) -> list:
+    """Every object a dict-of-configs node names (callbacks, loggers); null entries and `group=none` give none."""
+    from hydra.utils import instantiate
+
+    if not node:
+        return []
+    return [instantiate(child) for child in node.values() if child and "_target_" in child]

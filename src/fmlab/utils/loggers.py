@@ -9,7 +9,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import Logger, WandbLogger
-from omegaconf import DictConfig
 
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
 
@@ -41,15 +40,6 @@ def wandb_should_be_offline(offline: bool | None) -> bool:
 def wandb_logger(offline: bool | None = None, **kwargs: Any) -> WandbLogger:
     """A Lightning `WandbLogger` whose online/offline mode follows `wandb_should_be_offline`."""
     return WandbLogger(offline=wandb_should_be_offline(offline), **kwargs)
-
-
-def instantiate_loggers(config: DictConfig | None) -> list[Logger]:
-    """Every logger under the `logger` config node (none for `logger=none`)."""
-    from hydra.utils import instantiate
-
-    if not config:
-        return []
-    return [instantiate(node) for node in config.values() if node and "_target_" in node]
 
 
 def finish_wandb(loggers: list[Logger]) -> None:
