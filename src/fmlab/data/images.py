@@ -1,0 +1,140 @@
+"""Image datamodules: quantised images held as integer levels, dequantised to [-1, 1] for training and likelihood.
+
+Every image dataset subclasses `ImageDataModule` and only loads its arrays; dequantisation, flips, the noise source,
+held-out sets and the FID reference set are shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from fmlab.data.toy2d import seeded_generator
+from fmlab.utils.errors import UserError
+
+
+def dequantize(levels: Tensor, num_levels: int, noise: Tensor) -> Tensor:
+    """x = (k + u) / (L/2) − 1 ∈ [-1, 1) for integer levels k ∈ {0..L−1} and u ~ U[0, 1): uniform dequantisation
+    (Theis et al. 2016) scaled to [-1, 1]; the scale L/2 is what `likelihood.bits_per_dim` takes as `data_scale`."""
+    return (levels.to(noise.dtype) + noise) / (num_levels / 2.0) - 1.0
+
+
+def quantize(x: Tensor, num_levels: int) -> Tensor:
+    """The inverse of `dequantize`: k = ⌊(x + 1) L/2⌋ clipped to {0..L−1}, as uint8 (for L ≤ 256)."""
+    return torch.floor((x + 1.0) * (num_levels / 2.0)).clamp(0, num_levels - 1).to(torch.uint8)
+
+
+def bin_centers(levels: Tensor, num_levels: int) -> Tensor:
+    """The centre of each level's dequantisation bin, (k + ½)/(L/2) − 1: deterministic images for FID references."""
+    return dequantize(levels, num_levels, torch.full(levels.shape, 0.5))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images as uint8 levels (N, C, H, W). Training batches are (x0, x1): x0 ~ N(0, I) and x1 the dequantised
+    images (fresh uniform noise every batch, random horizontal flips if `flip`).
+
+    Subclasses set `name`, `num_levels`, `data_shape`, `fid_feature` and return (train, test) levels from `load()`.
+    """
+
+    name = "images"
+    fid_feature = "inception"
+    num_levels = 256
+    data_shape: tuple[int, int, int] = (3, 32, 32)
+    is_image = True
+    source = "gaussian"
+
+    def __init__(
+        self,
+        target: str | None = None,
+        batch_size: int = 128,
+        num_eval_samples: int = 2000,
+        flip: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+        data_dir: str | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if target is not None and target != self.name:
+            raise UserError(f"data.target={target} does not match {type(self).__name__}; it loads {self.name}")
+        if batch_size < 1 or num_eval_samples < 2:
+            raise UserError(
+                f"data.batch_size={batch_size} must be >= 1 and data.num_eval_samples={num_eval_samples} >= 2"
+            )
+        if shape is not None and tuple(shape) != tuple(self.data_shape):
+            raise UserError(f"data.shape={list(shape)} is invalid for data={self.name}; it is {list(self.data_shape)}")
+        self.batch_size, self.num_eval_samples, self.flip = batch_size, num_eval_samples, flip
+        self.num_workers, self.seed = num_workers, seed
+        self.data_dir = Path(data_dir).expanduser() if data_dir else None
+        self.train_levels, self.test_levels = self.load()
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _collate(self, items: list[tuple[Tensor]]) -> tuple[Tensor, Tensor]:
+        levels = torch.stack([item[0] for item in items])
+        x1 = dequantize(levels, self.num_levels, torch.rand(levels.shape))
+        if self.flip:
+            flipped = torch.rand(len(x1)) < 0.5
+            x1[flipped] = x1[flipped].flip(-1)
+        return torch.randn_like(x1), x1
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            TensorDataset(self.train_levels),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
+        """The first `n` test images (all of them at most), dequantised with noise fixed per (seed, index)."""
+        levels = self.test_levels[: n or len(self.test_levels)]
+        noise = torch.rand(levels.shape, generator=seeded_generator(self.seed, "held_out", index))
+        return dequantize(levels, self.num_levels, noise)
+
+    def reference_images(self) -> Tensor:
+        """The FID reference set: every training image at its bin centre."""
+        return bin_centers(self.train_levels, self.num_levels)
+
+    def eval_source(self, n: int | None = None, draw: int = 0, chunk: int = 0) -> Tensor:
+        """Fixed N(0, I) noise from which evaluation generates, one batch per (draw, chunk)."""
+        g = seeded_generator(self.seed, "eval_source", draw, chunk)
+        return torch.randn(n or self.num_eval_samples, *self.data_shape, generator=g)
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's bundled 8×8 handwritten digits: 1,797 greyscale images with 17 levels (0..16), works offline.
+
+    A fixed split (independent of the run's seed): 1,437 training and 360 test images. No flips (digits are not
+    mirror-symmetric).
+    """
+
+    name = "digits"
+    fid_feature = "digits"
+    num_levels = 17
+    data_shape = (1, 8, 8)
+    test_fraction = 0.2
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        from sklearn.datasets import load_digits
+
+        return self._split(torch.from_numpy(load_digits().images).to(torch.uint8).unsqueeze(1))
+
+    def labels(self) -> tuple[Tensor, Tensor]:
+        """Class labels in the same split, for the FID feature classifier."""
+        from sklearn.datasets import load_digits
+
+        return self._split(torch.from_numpy(load_digits().target))
+
+    def _split(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        order = torch.randperm(len(values), generator=torch.Generator().manual_seed(0))
+        num_test = round(self.test_fraction * len(values))
+        return values[order[num_test:]], values[order[:num_test]]

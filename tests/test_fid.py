@@ -1,0 +1,115 @@
+"""FID through torchmetrics: the digits feature extractor, torch-fidelity's InceptionV3 from a weights file, the
+reference cache, and the offline error."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
+
+from fmlab.data.images import DigitsDataModule, bin_centers
+from fmlab.metrics.digits_classifier import DigitsFeatures, accuracy
+from fmlab.metrics.fid import build_fid, inception_cache_path, reference_statistics
+from fmlab.utils.errors import UserError
+
+
+def fid_of(metric, prepare, real, fake) -> float:
+    metric.reset()
+    metric.real_features_sum.zero_()
+    metric.real_features_cov_sum.zero_()
+    metric.real_features_num_samples.zero_()
+    metric.update(prepare(real), real=True)
+    metric.update(prepare(fake), real=False)
+    return float(metric.compute())
+
+
+def noised(images: torch.Tensor, level: float, seed: int = 0) -> torch.Tensor:
+    return (images + level * torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))).clamp(-1, 1)
+
+
+def test_committed_digits_classifier_has_the_accuracy_it_records() -> None:
+    features = DigitsFeatures()
+    data = DigitsDataModule()
+    _, test_labels = data.labels()
+    measured = accuracy(features.classifier, bin_centers(data.test_levels, data.num_levels), test_labels)
+    assert measured == pytest.approx(features.test_accuracy, abs=1e-6)
+    assert measured > 0.97
+
+
+def test_digits_fid_is_zero_on_the_same_set_and_grows_with_noise() -> None:
+    metric, prepare = build_fid("digits")
+    images = DigitsDataModule().reference_images()
+    assert fid_of(metric, prepare, images, images) == pytest.approx(0.0, abs=1e-6)
+    values = [fid_of(metric, prepare, images, noised(images, level)) for level in (0.1, 0.3, 0.6)]
+    assert values[0] > 0.1 and values == sorted(values)
+    # another draw of the same distribution (the test split) is closer than strongly noised training images
+    test_images = bin_centers(DigitsDataModule().test_levels, 17)
+    assert fid_of(metric, prepare, images, test_images) < values[2]
+
+
+def write_random_inception_weights(target: Path) -> Path:
+    """torch-fidelity's InceptionV3 at random init, saved in the format its loader reads (a state dict)."""
+    with mock.patch.object(fidelity_inception.FeatureExtractorInceptionV3, "load_state_dict"), mock.patch.object(
+        fidelity_inception, "load_state_dict_from_url", return_value=None
+    ):
+        torch.manual_seed(0)
+        net = fidelity_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(net.state_dict(), target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
+
+
+def test_inception_fid_from_a_weights_file_is_zero_on_the_same_set_and_monotone_in_noise(inception_weights) -> None:
+    metric, prepare = build_fid("inception", weights_path=str(inception_weights), inception_dims=64)
+    assert metric.inception.features_list == ["64"]
+    images = DigitsDataModule().reference_images()[:24]
+    assert prepare(images).dtype == torch.uint8 and prepare(images).shape == (24, 3, 8, 8)
+    assert fid_of(metric, prepare, images, images) == pytest.approx(0.0, abs=1e-6)
+    values = [fid_of(metric, prepare, images, noised(images, level)) for level in (0.2, 0.5, 1.0)]
+    assert values[0] > 0 and values == sorted(values)
+
+
+@pytest.mark.slow
+def test_inception_2048_features_through_the_full_network(inception_weights) -> None:
+    # random weights make the pooled features tiny, so only the shape and the dependence on the input are checked
+    metric, prepare = build_fid("inception", weights_path=str(inception_weights), inception_dims=2048)
+    images = DigitsDataModule().reference_images()[:6]
+    features = metric.inception(prepare(images))
+    assert features.shape == (6, 2048) and torch.isfinite(features).all()
+    assert not torch.equal(features[0], features[1])
+
+
+def test_missing_inception_weights_say_where_to_put_the_file(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    offline = mock.Mock(side_effect=urllib.error.URLError("no network"))
+    monkeypatch.setattr(fidelity_inception, "load_state_dict_from_url", offline)
+    with pytest.raises(UserError) as error:
+        build_fid("inception")
+    message = str(error.value)
+    assert str(inception_cache_path()) in message and str(tmp_path) in message
+    assert "eval.fid.weights_path" in message and "\n" not in message
+    with pytest.raises(UserError, match="eval.fid.weights_path=.*does not exist"):
+        build_fid("inception", weights_path=str(tmp_path / "missing.pth"))
+    with pytest.raises(UserError, match="eval.fid.feature='clip'.*digits, inception"):
+        build_fid("clip")
+
+
+def test_reference_statistics_are_cached_and_read_back(tmp_path: Path) -> None:
+    metric, prepare = build_fid("digits")
+    images = DigitsDataModule().reference_images()
+    first = reference_statistics(metric, prepare, images, tmp_path, "digits")
+    (cache,) = tmp_path.glob("digits-*.pt")
+    with mock.patch.object(metric, "update", side_effect=AssertionError("recomputed")):
+        second = reference_statistics(metric, prepare, images, tmp_path, "digits")
+    assert int(first["real_features_num_samples"]) == len(images)
+    for name, value in first.items():
+        assert torch.equal(value, second[name]) and torch.equal(getattr(metric, name).cpu(), value)
+    assert cache.name.endswith(f"-{len(images)}.pt")
