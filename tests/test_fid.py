@@ -53,8 +53,9 @@ def test_digits_fid_is_zero_on_the_same_set_and_grows_with_noise() -> None:
 
 def write_random_inception_weights(target: Path) -> Path:
     """torch-fidelity's InceptionV3 at random init, saved in the format its loader reads (a state dict)."""
-    with mock.patch.object(fidelity_inception.FeatureExtractorInceptionV3, "load_state_dict"), mock.patch.object(
-        fidelity_inception, "load_state_dict_from_url", return_value=None
+    with (
+        mock.patch.object(fidelity_inception.FeatureExtractorInceptionV3, "load_state_dict"),
+        mock.patch.object(fidelity_inception, "load_state_dict_from_url", return_value=None),
     ):
         torch.manual_seed(0)
         net = fidelity_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])

@@ -19,8 +19,10 @@ def test_mlp_maps_time_and_points_to_vectors_of_the_same_shape() -> None:
     assert sum(p.numel() for p in net.parameters()) == (3 * 32 + 32) + (32 * 32 + 32) + (32 * 2 + 2)
 
 
-def test_mlp_rejects_image_data_and_unknown_activation() -> None:
-    with pytest.raises(UserError, match=r"net=mlp takes vector data, got data shape \[1, 8, 8\]"):
-        MLP((1, 8, 8))
+def test_mlp_flattens_images_and_rejects_an_unknown_activation() -> None:
+    net = MLP((1, 8, 8), width=16, depth=1)
+    x = torch.randn(5, 1, 8, 8)
+    assert net(torch.rand(5), x).shape == x.shape
+    assert sum(p.numel() for p in net.parameters()) == (65 * 16 + 16) + (16 * 64 + 64)
     with pytest.raises(UserError, match="net.activation='swish'.*selu"):
         MLP((2,), activation="swish")

@@ -50,9 +50,11 @@ def build_module(cfg: DictConfig) -> FlowModule:
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The configured callbacks, plus the one that stores the resolved config in every checkpoint."""
+    from fmlab.callbacks.run_config import RunConfigInCheckpoint
     from fmlab.utils.config import instantiate_each
 
-    return instantiate_each(cfg.get("callbacks"))
+    return [*instantiate_each(cfg.get("callbacks")), RunConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True))]
 
 
 def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""SampleLogger: a picture of what the model generates, with a few ODE trajectories over the data."""
+"""SampleLogger: a picture of what the model generates: a 2D scatter with a few ODE trajectories over the data, or
+an image grid."""
 
 from __future__ import annotations
 
@@ -31,9 +32,23 @@ def plot_2d_samples(data: Tensor, result: ODEResult, num_trajectories: int, titl
     return fig
 
 
+def plot_image_grid(images: Tensor, title: str, columns: int = 16):
+    """A grid of [-1, 1] images (grey or RGB)."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().cpu().clamp(-1, 1), nrow=columns, normalize=True, value_range=(-1, 1), padding=1)
+    fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[1] / grid.shape[2] + 0.4), dpi=120)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
 class SampleLogger(L.Callback):
-    """Every `every_n_steps` (0: only at the end of training) draws samples from a fixed source batch, saves a PNG
-    under `<output_dir>/samples/` and sends it to every logger that takes images. The last one is `samples.png`."""
+    """Every `every_n_steps` (0: only at the end of training) draws samples from a fixed source batch (at most 256
+    images) with the EMA weights, saves a PNG under `<output_dir>/samples/` and sends it to every logger that takes
+    images. The last one is also `samples.png`."""
 
     def __init__(
         self,
@@ -56,16 +71,20 @@ class SampleLogger(L.Callback):
         was_training = module.training
         module.eval()
         try:
-            x0 = datamodule.eval_source(self.num_samples).to(module.device)
-            result = sample(
-                module.velocity_field(sampling_net(trainer, module)), x0, self.solver, self.num_trajectory_times
-            )
+            is_image = getattr(datamodule, "is_image", False)
+            x0 = datamodule.eval_source(min(self.num_samples, 256) if is_image else self.num_samples)
+            trajectory_times = 0 if is_image else self.num_trajectory_times
+            field = module.velocity_field(sampling_net(trainer, module))
+            result = sample(field, x0.to(module.device), self.solver, trajectory_times)
         finally:
             module.train(was_training)
         if not trainer.is_global_zero:
             return None
-        title = f"step {trainer.global_step}: {self.num_samples} samples, NFE {result.nfe}"
-        fig = plot_2d_samples(datamodule.held_out(self.num_samples), result, self.num_trajectories, title)
+        title = f"step {trainer.global_step}: {len(result.samples)} samples, NFE {result.nfe}"
+        if getattr(datamodule, "is_image", False):
+            fig = plot_image_grid(result.samples, title)
+        else:
+            fig = plot_2d_samples(datamodule.held_out(self.num_samples), result, self.num_trajectories, title)
         target = self.output_dir / "samples" / f"{name}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(target)
