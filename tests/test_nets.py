@@ -26,3 +26,13 @@ def test_mlp_flattens_images_and_rejects_an_unknown_activation() -> None:
     assert sum(p.numel() for p in net.parameters()) == (65 * 16 + 16) + (16 * 64 + 64)
     with pytest.raises(UserError, match="net.activation='swish'.*selu"):
         MLP((2,), activation="swish")
+
+
+def test_fourier_time_features_widen_the_input_and_vary_with_time() -> None:
+    plain, fourier = MLP((2,), width=8, depth=1), MLP((2,), width=8, depth=1, time_frequencies=4)
+    count = sum(p.numel() for p in fourier.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert count == 8 * 8  # 2K extra inputs into the first layer of width 8
+    x = torch.zeros(3, 2)
+    assert not torch.allclose(fourier(torch.full((3,), 0.5), x), fourier(torch.zeros(3), x))
+    with pytest.raises(UserError, match="net.time_frequencies=-1"):
+        MLP((2,), time_frequencies=-1)

@@ -6,6 +6,8 @@ Rows:
 - train step: `python -m fmlab.train`'s training loop (Lightning, FlowModule, the default per-step callbacks and
   CSV logging) against a hand-written PyTorch loop with the same net, data stream, optimiser, LR schedule and EMA.
 - minibatch OT: the same comparison for `method=otcfm` (exact OT pairing each step on both sides).
+- sampler: `fmlab.sampling.sample` (the Evaluator's path: objective → velocity, NFE count, t-range guard) against
+  a bare `torchdiffeq.odeint` call on the same net, source batch, method and tolerance.
 """
 
 from __future__ import annotations
@@ -122,6 +124,35 @@ def compare(name: str, overrides: list[str], steps: int, warmup: int, rounds: in
     }
 
 
+def sampler_seconds(num_samples: int, repeats: int) -> tuple[float, float, int]:
+    """Best-of-`repeats` seconds of one dopri5 (1e-5) generation of `num_samples` 2D points: fmlab, bare, NFE."""
+    from torchdiffeq import odeint
+
+    from fmlab.sampling import ODESolver, VelocityField, sample
+
+    with TemporaryDirectory() as tmp:
+        cfg = compose_train_config([], Path(tmp))
+    torch.manual_seed(cfg.seed)
+    net = instantiate(cfg.net).eval()
+    field = VelocityField(net, instantiate(cfg.objective), instantiate(cfg.path))
+    solver = instantiate(cfg.solver)
+    x0 = torch.randn(num_samples, 2)
+
+    def bare_field(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return net(t.expand(x.shape[0]), x)
+
+    ours, bare = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            started = time.perf_counter()
+            result = sample(field, x0, solver)
+            ours.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            odeint(bare_field, x0, torch.tensor([0.0, 1.0]), method="dopri5", atol=solver.atol, rtol=solver.rtol)
+            bare.append(time.perf_counter() - started)
+    return min(ours), min(bare), result.nfe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1000, help="training steps per measurement")
@@ -134,6 +165,16 @@ def main() -> None:
             "train step, OT-CFM 2D MLP (exact minibatch OT)", ["method=otcfm"], args.steps, args.warmup, args.rounds
         ),
     ]
+    ours, bare, nfe = sampler_seconds(num_samples=2000, repeats=10 * args.rounds)
+    rows.append(
+        {
+            "name": f"sampler, dopri5 1e-5, 2000 points ({nfe} NFE)",
+            "fmlab_ms": 1e3 * ours,
+            "bare_ms": 1e3 * bare,
+            "ratio": ours / bare,
+            "ratios": [],
+        }
+    )
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(f"{'measurement (best of each side)':52s} {'fmlab ms':>9s} {'bare ms':>8s} {'ratio':>6s}  per-round ratios")
     for row in rows:

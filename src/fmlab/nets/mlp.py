@@ -21,13 +21,23 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 class MLP(nn.Module):
-    """v(t, x) = MLP([x, t]): `depth` hidden layers of `width` units, time appended as one input feature.
+    """v(t, x) = MLP([x, t, sin(πkt), cos(πkt) for k = 1..K]): `depth` hidden layers of `width` units; time enters
+    as one input feature plus K = `time_frequencies` Fourier pairs (0: t alone, as TorchCFM's MLP).
 
     Data of any shape is flattened in and reshaped out (an MLP on 8×8 digits sees 64-dimensional vectors).
     """
 
-    def __init__(self, data_shape: Sequence[int], width: int = 64, depth: int = 3, activation: str = "selu") -> None:
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        width: int = 64,
+        depth: int = 3,
+        activation: str = "selu",
+        time_frequencies: int = 0,
+    ) -> None:
         super().__init__()
+        if time_frequencies < 0:
+            raise UserError(f"net.time_frequencies={time_frequencies} must be >= 0")
         if activation not in ACTIVATIONS:
             raise choices_error("net.activation", activation, ACTIVATIONS)
         if width < 1 or depth < 1:
@@ -35,7 +45,8 @@ class MLP(nn.Module):
         self.data_shape = tuple(int(d) for d in data_shape)
         dim = math.prod(self.data_shape)
         layers: list[nn.Module] = []
-        in_features = dim + 1
+        self.register_buffer("frequencies", torch.pi * torch.arange(1, time_frequencies + 1, dtype=torch.float32))
+        in_features = dim + 1 + 2 * time_frequencies
         for _ in range(depth):
             layers += [nn.Linear(in_features, width), ACTIVATIONS[activation]()]
             in_features = width
@@ -44,4 +55,8 @@ class MLP(nn.Module):
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         t = t.to(x.dtype).expand(x.shape[0]).reshape(-1, 1)
-        return self.layers(torch.cat([x.flatten(1), t], dim=1)).view_as(x)
+        features = [x.flatten(1), t]
+        if len(self.frequencies):
+            angles = t * self.frequencies.to(x.dtype)
+            features += [torch.sin(angles), torch.cos(angles)]
+        return self.layers(torch.cat(features, dim=1)).view_as(x)
