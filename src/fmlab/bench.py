@@ -128,7 +128,7 @@ def sampler_seconds(num_samples: int, repeats: int) -> tuple[float, float, int]:
     """Best-of-`repeats` seconds of one dopri5 (1e-5) generation of `num_samples` 2D points: fmlab, bare, NFE."""
     from torchdiffeq import odeint
 
-    from fmlab.sampling import ODESolver, VelocityField, sample
+    from fmlab.sampling import VelocityField, sample
 
     with TemporaryDirectory() as tmp:
         cfg = compose_train_config([], Path(tmp))
