@@ -90,7 +90,7 @@ def build_solvers(sweep: DictConfig) -> list[Any]:
     return solvers
 
 
-def nfe_sweep(cfg: DictConfig, module, datamodule, net, ranks, output_dir: Path) -> list[dict[str, Any]]:
+def nfe_sweep(cfg: DictConfig, module, datamodule, net, ranks, output_dir: Path, subject: str = "") -> list[dict]:
     """Sample quality against NFE for every solver of `cfg.sweep`; rows also go to nfe_sweep.csv / .png."""
     rows = []
     for solver in build_solvers(cfg.sweep):
@@ -110,7 +110,7 @@ def nfe_sweep(cfg: DictConfig, module, datamodule, net, ranks, output_dir: Path)
         )
     if ranks.rank == 0:
         write_rows(output_dir / "nfe_sweep.csv", rows)
-        plot_nfe_sweep(rows, output_dir / "nfe_sweep.png")
+        plot_nfe_sweep(rows, output_dir / "nfe_sweep.png", subject)
     return rows
 
 
@@ -121,7 +121,7 @@ def write_rows(target: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def plot_nfe_sweep(rows: list[dict[str, Any]], target: Path) -> None:
+def plot_nfe_sweep(rows: list[dict[str, Any]], target: Path, subject: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +132,7 @@ def plot_nfe_sweep(rows: list[dict[str, Any]], target: Path) -> None:
         points = sorted((r["nfe"], r["value"]) for r in rows if r["method"] == method)
         ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=method)
     metric = rows[0]["metric"].upper()
-    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=metric, title=f"{metric} against NFE")
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=metric, title=f"{metric} against NFE {subject}".strip())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -188,7 +188,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "ema": bool(cfg.use_ema),
     }
     if cfg.get("sweep"):
-        metrics["nfe_sweep"] = nfe_sweep(cfg, module, datamodule, net, ranks, output_dir)
+        subject = f"({metrics['method']} on {metrics['data']}, step {step})"
+        metrics["nfe_sweep"] = nfe_sweep(cfg, module, datamodule, net, ranks, output_dir, subject)
     else:
         metrics.update(instantiate_evaluator(cfg).evaluate(module, datamodule, net, ranks))
     metrics["wall_seconds"] = time.perf_counter() - started
