@@ -38,7 +38,8 @@ def check_group_choices(args: list[str], config_dir: Path = CONFIG_DIR) -> None:
         raise UserError(str(error).splitlines()[0]) from None
     for override in parsed:
         group = override.key_or_group.lstrip("+~")
-        if override.package or not (config_dir / group).is_dir() or override.is_delete():
+        # hydra/* groups also hold plugin options (hydra/launcher=submitit_slurm) that Hydra checks itself
+        if override.package or group.startswith("hydra/") or not (config_dir / group).is_dir() or override.is_delete():
             continue
         options = group_options(group, config_dir)
         for value in _override_values(override):

@@ -37,9 +37,23 @@ def wandb_should_be_offline(offline: bool | None) -> bool:
     return not wandb_credentials_available()
 
 
-def wandb_logger(offline: bool | None = None, **kwargs: Any) -> WandbLogger:
-    """A Lightning `WandbLogger` whose online/offline mode follows `wandb_should_be_offline`."""
-    return WandbLogger(offline=wandb_should_be_offline(offline), **kwargs)
+def sweep_group() -> str | None:
+    """`sweep-<sweep dir name>` inside a Hydra multirun (every job of one sweep shares it), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return f"sweep-{Path(hydra_cfg.sweep.dir).name}"
+
+
+def wandb_logger(offline: bool | None = None, group: str | None = None, **kwargs: Any) -> WandbLogger:
+    """A Lightning `WandbLogger` whose online/offline mode follows `wandb_should_be_offline`; in a multirun the jobs
+    are grouped by sweep (`sweep-<sweep dir name>`), otherwise by `group`."""
+    return WandbLogger(offline=wandb_should_be_offline(offline), group=sweep_group() or group, **kwargs)
 
 
 def finish_wandb(loggers: list[Logger]) -> None:
