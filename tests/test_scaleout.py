@@ -51,11 +51,11 @@ def test_two_process_ddp_training_writes_one_run_and_evaluates_like_one_process(
 def test_grid_multirun_gives_each_job_its_run_dir_w_and_b_run_and_a_summary_row(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
-        "fmlab.train", "-m", "seed=0,1", "method=fm_ot,icfm", *TINY, f"hydra.sweep.dir={sweep_dir}", cwd=REPO_ROOT
+        "fmlab.train", "-m", "method=fm_ot,icfm", "seed=1", *TINY, f"hydra.sweep.dir={sweep_dir}", cwd=REPO_ROOT
     )
     assert result.returncode == 0, result.stderr[-3000:]
     job_dirs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
-    assert len(job_dirs) == 4
+    assert len(job_dirs) == 2
     with open(sweep_dir / "summary.csv") as handle:
         summary = {row["job"]: row for row in csv.DictReader(handle)}
     assert set(summary) == {d.name for d in job_dirs}
