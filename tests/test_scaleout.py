@@ -72,6 +72,8 @@ def test_grid_multirun_gives_each_job_its_run_dir_w_and_b_run_and_a_summary_row(
         assert logged.values("eval/w2") == [pytest.approx(metrics["w2"], rel=1e-6)]
         assert logged.values("eval/nfe") == [metrics["nfe"]]
         assert any(v > 0 for v in logged.values("train/loss"))
+        assert logged.values("final_metrics/_type") == ["table-file"]
+        assert logged.summary["final/w2"] == pytest.approx(metrics["w2"], rel=1e-12)
         (image,) = logged.values("samples/filenames")
         assert image[0].endswith(".png") and (run_file.parent / "files" / image[0]).stat().st_size > 1000
     assert groups == {f"sweep-{sweep_dir.name}"}

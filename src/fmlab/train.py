@@ -98,7 +98,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from fmlab.utils.config import instantiate_each
-    from fmlab.utils.loggers import finish_wandb
+    from fmlab.utils.loggers import finish_wandb, log_final_metrics
     from fmlab.utils.run_files import write_metrics
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -122,6 +122,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["wall_seconds"] = time.perf_counter() - started
         if trainer.is_global_zero:
             write_metrics(cfg.paths.output_dir, metrics)
+            log_final_metrics(loggers, metrics)
     finally:
         finish_wandb(loggers)
     return metrics

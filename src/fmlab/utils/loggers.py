@@ -56,6 +56,17 @@ def wandb_logger(offline: bool | None = None, group: str | None = None, **kwargs
     return WandbLogger(offline=wandb_should_be_offline(offline), group=sweep_group() or group, **kwargs)
 
 
+def log_final_metrics(loggers: list[Logger], metrics: dict[str, Any]) -> None:
+    """The run's metrics.json as a W&B table (`final_metrics`) and in the run summary; other loggers get the scalars
+    already, through the Evaluator."""
+    rows = [[key, str(value)] for key, value in sorted(metrics.items()) if not isinstance(value, list | dict)]
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_table(key="final_metrics", columns=["metric", "value"], data=rows)
+            scalars = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+            logger.experiment.summary.update(scalars)
+
+
 def finish_wandb(loggers: list[Logger]) -> None:
     """Close the W&B run so the next job of a sweep starts its own."""
     if any(isinstance(lg, WandbLogger) for lg in loggers):
