@@ -118,3 +118,10 @@ def test_slurm_launcher_config_renders_the_job_parameters_from_the_trainer() -> 
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
     assert launcher.partition == "gpu" and launcher.timeout_min == 1440
     assert (cfg.trainer.strategy, cfg.trainer.accelerator) == ("ddp", "gpu")
+
+
+def test_ddp_inside_a_local_multirun_is_refused_in_one_line(tmp_path: Path) -> None:
+    result = run_cli("fmlab.train", "-m", "trainer=ddp_cpu", "seed=0,1", f"hydra.sweep.dir={tmp_path}", cwd=REPO_ROOT)
+    assert result.returncode == 2
+    assert "cannot run inside a local multirun" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("metrics.json"))

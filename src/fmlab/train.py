@@ -24,11 +24,26 @@ if TYPE_CHECKING:  # torch and Lightning load inside `train`, so a bad command l
     from fmlab.module import FlowModule
 
 
+def _local_multirun() -> bool:
+    """A Hydra multirun outside SLURM (where srun, not Lightning, starts the ranks)."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and "SLURM_NTASKS" not in os.environ
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Checks Lightning would accept silently (e.g. max_steps = -1 trains forever)."""
     trainer = cfg.trainer
     if not trainer.get("fast_dev_run") and (not isinstance(trainer.max_steps, int) or trainer.max_steps < 1):
         raise UserError(f"trainer.max_steps={trainer.max_steps} is invalid; it must be a positive integer")
+    if "ddp" in str(trainer.get("strategy", "")) and trainer.get("devices", 1) != 1 and _local_multirun():
+        raise UserError(
+            f"trainer.strategy={trainer.strategy} cannot run inside a local multirun (Lightning would relaunch the "
+            "whole sweep once per rank); run the jobs one at a time or submit them with hydra/launcher=slurm"
+        )
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist; give the path of a .ckpt file")
 
