@@ -59,6 +59,20 @@ def test_epochs_draw_fresh_batches_and_ranks_draw_distinct_streams() -> None:
     assert not torch.equal(next(iter(rank1.train_dataloader()))[1], first[0])
 
 
+def test_a_stream_resumed_mid_epoch_draws_the_batches_of_an_unbroken_one() -> None:
+    unbroken = Toy2DDataModule("moons", batches_per_epoch=4, batch_size=8)
+    loader = unbroken.train_dataloader()
+    epochs = [[b[1] for b in loader] for _ in range(3)]
+    flat = [b for epoch in epochs for b in epoch]
+    assert [len(e) for e in epochs] == [4, 4, 4]
+    resumed = Toy2DDataModule("moons", batches_per_epoch=4, batch_size=8)
+    resumed.load_state_dict({"next_index": 6})  # stopped after step 6, half-way through the second epoch
+    loader = resumed.train_dataloader()
+    rest_of_epoch, next_epoch = [b[1] for b in loader], [b[1] for b in loader]
+    assert len(rest_of_epoch) == 2 and len(next_epoch) == 4
+    assert all(torch.equal(a, b) for a, b in zip(rest_of_epoch + next_epoch, flat[6:], strict=True))
+
+
 def test_source_choice_gives_data_to_data_pairs() -> None:
     dm = Toy2DDataModule("moons", source="8gaussians", seed=0)
     x0, _ = next(iter(dm.train_dataloader()))

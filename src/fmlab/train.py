@@ -6,6 +6,7 @@ metric a sweeper optimises.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,11 +66,19 @@ def build_module(cfg: DictConfig) -> FlowModule:
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
-    """The configured callbacks, plus the one that stores the resolved config in every checkpoint."""
+    """The configured callbacks, plus the ones every run needs: the resolved config in every checkpoint, per-step
+    seeds and a checkpoint on SIGTERM (exact resume)."""
+    from fmlab.callbacks.resume import CheckpointOnSigterm, StepSeed
     from fmlab.callbacks.run_config import RunConfigInCheckpoint
     from fmlab.utils.config import instantiate_each
 
-    return [*instantiate_each(cfg.get("callbacks")), RunConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True))]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return [
+        *instantiate_each(cfg.get("callbacks")),
+        RunConfigInCheckpoint(config),
+        StepSeed(cfg.seed),
+        CheckpointOnSigterm(),
+    ]
 
 
 def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback]) -> dict[str, Any]:
@@ -105,6 +114,21 @@ def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbac
     return metrics
 
 
+def continue_wandb_run(cfg: DictConfig) -> None:
+    """When resuming, log into the W&B run the checkpoint names (its id is stored by RunConfigInCheckpoint)."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if not cfg.ckpt_path or not wandb_cfg:
+        return
+    from fmlab.evaluate import load_checkpoint
+
+    run_id = load_checkpoint(cfg.ckpt_path).get("fmlab", {}).get("wandb_id")
+    if run_id:
+        from omegaconf import open_dict
+
+        with open_dict(wandb_cfg):
+            wandb_cfg.id, wandb_cfg.resume = run_id, "allow"
+
+
 @exit_on_user_error
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one model as `cfg` says and return its metrics (also written to <output_dir>/metrics.json)."""
@@ -126,6 +150,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"({module.objective!r}) assumes a N(0, I) source; use data.source=gaussian or a velocity objective"
         )
     callbacks = build_callbacks(cfg)
+    continue_wandb_run(cfg)
     loggers = instantiate_each(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
@@ -150,7 +175,36 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def resume_arguments(args: list[str], runs_dir: Path = Path("outputs/train/runs")) -> list[str]:
+    """`ckpt_path=<run dir>` or `ckpt_path=last` (the newest run under `runs_dir` with a checkpoint) resumes that
+    run in place: its own overrides first, then the given ones, its last.ckpt, and its run dir as Hydra's.
+    A `ckpt_path=<file>` starts a new run dir from that checkpoint."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith("ckpt_path=")]
+    if not values or (values[-1] != "last" and not Path(values[-1]).is_dir()):
+        return args
+    if values[-1] == "last":
+        candidates = sorted(p.parent.parent for p in runs_dir.glob("*/checkpoints/last.ckpt"))
+        if not candidates:
+            raise UserError(f"ckpt_path=last found no run with checkpoints/last.ckpt under {runs_dir}")
+        run_dir = candidates[-1]
+    else:
+        run_dir = Path(values[-1])
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if not checkpoint.exists():
+        raise UserError(f"ckpt_path={values[-1]}: {checkpoint} does not exist; the run saved no checkpoint yet")
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    original = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
+    keep = [o for o in original if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    given = [a for a in args if not a.startswith("ckpt_path=")]
+    print(f"fmlab: resuming {run_dir} from {checkpoint.resolve().name}", flush=True)
+    return [*keep, *given, f"ckpt_path={checkpoint.resolve()}", f"hydra.run.dir={run_dir}"]
+
+
 def main() -> None:
+    import sys
+
+    if "LOCAL_RANK" not in os.environ:  # DDP ranks > 0 are started with the resolved arguments already
+        sys.argv[1:] = exit_on_user_error(resume_arguments)(sys.argv[1:])
     run_entry_point(hydra_main)
 
 

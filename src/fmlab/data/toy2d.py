@@ -140,30 +140,35 @@ def seeded_generator(seed: int, stream: str, *index: int) -> torch.Generator:
 class PairStream(IterableDataset):
     """An endless stream of (x0, x1) batches cut into epochs of `batches_per_epoch` batches.
 
-    One generator per (seed, rank, worker) lives across epochs, so each epoch draws fresh samples and each DDP rank
-    and loader worker draws its own.
+    Batch i (counted over the whole run) is drawn from its own generator seeded by (seed, rank, i), so each DDP rank
+    draws its own data and a run resumed at step k draws exactly the batches k, k + 1, ... of an unbroken run: the
+    datamodule saves `next_index` in checkpoints. An epoch's iterator ends at the next multiple of
+    `batches_per_epoch`, so an epoch resumed half-way yields only its remaining batches. Loader workers take every
+    `num_workers`-th batch (exact resume then needs num_workers = 0, where the counter lives in this process).
     """
 
     def __init__(self, source: Sampler, target: Sampler, batch_size: int, batches_per_epoch: int, seed: int) -> None:
         self.source, self.target = source, target
         self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
         self.rank = 0
-        self._generator: torch.Generator | None = None
+        self.next_index = 0
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _worker_generator(self) -> tuple[torch.Generator, int, int]:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        if self._generator is None:
-            self._generator = seeded_generator(self.seed, "train", self.rank, worker)
-        return self._generator, workers, worker
+    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+        g = seeded_generator(self.seed, "train", self.rank, index)
+        return self.source(self.batch_size, g), self.target(self.batch_size, g)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        g, workers, worker = self._worker_generator()
-        for _ in range(worker, self.batches_per_epoch, workers):
-            yield self.source(self.batch_size, g), self.target(self.batch_size, g)
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        start = self.next_index
+        end = (start // self.batches_per_epoch + 1) * self.batches_per_epoch
+        for index in range(start + worker, end, workers):
+            self.next_index = index + 1
+            yield self.batch(index)
+        self.next_index = end
 
 
 class Toy2DDataModule(L.LightningDataModule):
@@ -209,6 +214,14 @@ class Toy2DDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in checkpoints: the first batch not yet trained on (one batch per optimiser step)."""
+        step = self.trainer.global_step if self.trainer is not None else self._stream.next_index
+        return {"next_index": int(step)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._stream.next_index = int(state_dict["next_index"])
 
     def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
         """A fixed set of `n` data samples per (dataset, seed, index), never seen in training."""

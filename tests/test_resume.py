@@ -1,0 +1,118 @@
+"""Kill a run for real and resume it: the final metrics equal an unbroken run's; old and broken checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmlab.evaluate import restore
+from fmlab.utils.errors import UserError
+from fmlab.utils.wandb_files import read_run, run_files
+from tests.conftest import REPO_ROOT, run_cli
+
+# 3 epochs of 200 steps; checkpoints at every epoch end
+RUN = [
+    "trainer.max_steps=600",
+    "data.batches_per_epoch=200",
+    "data.num_eval_samples=300",
+    "eval.num_draws=1",
+    "eval.nll_samples=40",
+    "trainer.deterministic=true",
+]
+
+
+def metrics_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("unbroken") / "run"
+    result = run_cli("fmlab.train", *RUN, "logger=csv", f"hydra.run.dir={run_dir}", cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def start_and_kill(run_dir: Path, sig: signal.Signals, *extra: str) -> subprocess.CompletedProcess:
+    """Start a run, wait for its first checkpoint (step 200), let it go on a little, then send `sig`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "fmlab.train", *RUN, *extra, f"hydra.run.dir={run_dir}"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = run_dir / "checkpoints" / "step0000200.ckpt"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, stdout.decode(), stderr.decode())
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_like_an_unbroken_one(unbroken, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    killed = start_and_kill(run_dir, signal.SIGTERM, "logger=many")
+    assert killed.returncode == 143, killed.stderr[-3000:]
+    last = (run_dir / "checkpoints" / "last.ckpt").resolve()
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 200 < step < 600 and last.name == f"step{step:07d}.ckpt"  # saved mid-epoch, at the step it stopped
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = run_cli("fmlab.train", f"ckpt_path={run_dir}", cwd=REPO_ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {run_dir}" in resumed.stdout
+    ours, reference = metrics_of(run_dir), metrics_of(unbroken)
+    assert ours["steps"] == reference["steps"] == 600
+    # deterministic mode on CPU: per-step seeds and an indexed data stream make the runs identical
+    for key in ("w2", "mmd", "nll", "nfe"):
+        assert ours[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-12), key
+    logged = [read_run(f) for f in run_files(run_dir)]
+    assert len({run.run["id"] for run in logged}) == 1  # one W&B run, continued
+    assert sum(len(run.values("eval/w2")) for run in logged) == 1
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_from_the_last_epoch_checkpoint(unbroken, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    killed = start_and_kill(run_dir, signal.SIGKILL, "logger=csv")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_cli("fmlab.train", f"ckpt_path={run_dir}", cwd=REPO_ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for key in ("w2", "mmd", "nll"):
+        assert metrics_of(run_dir)[key] == pytest.approx(metrics_of(unbroken)[key], rel=1e-9), key
+
+
+def test_checkpoints_without_the_stored_config_load_from_their_run_dir(unbroken, tmp_path: Path) -> None:
+    checkpoint = torch.load(unbroken / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    del checkpoint["fmlab"]  # the format before checkpoints carried their config
+    old_run = tmp_path / "old_run"
+    (old_run / "checkpoints").mkdir(parents=True)
+    torch.save(checkpoint, old_run / "checkpoints" / "last.ckpt")
+    with pytest.raises(UserError, match="carries no fmlab config and .*config.yaml does not exist"):
+        restore(old_run / "checkpoints" / "last.ckpt")
+    (old_run / ".hydra").mkdir()
+    (old_run / ".hydra" / "config.yaml").write_text((unbroken / ".hydra" / "config.yaml").read_text())
+    module, _, net, _, step = restore(old_run / "checkpoints" / "last.ckpt")
+    assert step == 600 and sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in module.net.parameters())
+
+
+def test_incompatible_and_corrupt_checkpoints_fail_in_one_line(unbroken, tmp_path: Path) -> None:
+    checkpoint = torch.load(unbroken / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint["fmlab"]["config"]["net"]["width"] = 64
+    wrong = tmp_path / "wrong.ckpt"
+    torch.save(checkpoint, wrong)
+    with pytest.raises(UserError, match="does not match the net its config builds"):
+        restore(wrong)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((unbroken / "checkpoints" / "last.ckpt").read_bytes()[:1000])
+    with pytest.raises(UserError, match="is not a readable checkpoint"):
+        restore(truncated)
+    result = run_cli("fmlab.train", f"ckpt_path={tmp_path / 'no_run'}", cwd=REPO_ROOT)
+    assert result.returncode == 2 and "does not exist" in result.stderr
