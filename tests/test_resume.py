@@ -116,3 +116,20 @@ def test_incompatible_and_corrupt_checkpoints_fail_in_one_line(unbroken, tmp_pat
         restore(truncated)
     result = run_cli("fmlab.train", f"ckpt_path={tmp_path / 'no_run'}", cwd=REPO_ROOT)
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_a_diverging_run_stops_in_one_line_naming_the_step(tmp_path: Path) -> None:
+    result = run_cli(
+        "fmlab.train",
+        "logger=none",
+        "trainer.max_steps=300",
+        "optimizer._target_=torch.optim.SGD",
+        "optimizer.lr=1e12",
+        f"hydra.run.dir={tmp_path}",
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]  # Lightning's start-up notes come before it
+    assert line.startswith("fmlab: error: the training loss became nan")
+    assert "Traceback" not in result.stderr and "at step" in line and "no checkpoint yet" in line
+    assert not (tmp_path / "metrics.json").exists() and not list(tmp_path.rglob("*.ckpt"))

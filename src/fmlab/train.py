@@ -67,8 +67,8 @@ def build_module(cfg: DictConfig) -> FlowModule:
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
     """The configured callbacks, plus the ones every run needs: the resolved config in every checkpoint, per-step
-    seeds and a checkpoint on SIGTERM (exact resume)."""
-    from fmlab.callbacks.resume import CheckpointOnSigterm, StepSeed
+    seeds and a checkpoint on SIGTERM (exact resume), and a one-line stop on a non-finite loss."""
+    from fmlab.callbacks.resume import CheckpointOnSigterm, StepSeed, StopOnNonFiniteLoss
     from fmlab.callbacks.run_config import RunConfigInCheckpoint
     from fmlab.utils.config import instantiate_each
 
@@ -78,6 +78,7 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
         RunConfigInCheckpoint(config),
         StepSeed(cfg.seed),
         CheckpointOnSigterm(),
+        StopOnNonFiniteLoss(),
     ]
 
 

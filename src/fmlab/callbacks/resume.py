@@ -45,3 +45,24 @@ class CheckpointOnSigterm(L.Callback):
             os.symlink(target.name, last)
             print(f"fmlab: SIGTERM: saved {target}; resume with ckpt_path={directory.parent}", flush=True)
         raise SystemExit(SIGTERM_EXIT_STATUS)
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stops training with one line when the loss is NaN or infinite, naming the step and the last good
+    checkpoint (kept: on the CPU the check runs every step, before anything is saved after it)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        # on accelerators the check waits for the device: do it only on logging steps there
+        every = 1 if pl_module.device.type == "cpu" else max(trainer.log_every_n_steps, 1)
+        if loss is None or trainer.global_step % every or torch.isfinite(loss).all():
+            return
+        from fmlab.utils.errors import UserError
+
+        checkpoint = trainer.checkpoint_callback
+        last = Path(checkpoint.dirpath) / "last.ckpt" if checkpoint is not None and checkpoint.dirpath else None
+        kept = f"last good checkpoint: {last.resolve()}" if last is not None and last.exists() else "no checkpoint yet"
+        raise UserError(
+            f"the training loss became {loss.item()} at step {trainer.global_step}; {kept} "
+            "(lower optimizer.lr, or check the data and schedule)"
+        )
