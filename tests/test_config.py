@@ -12,6 +12,7 @@ from fmlab.module import FlowModule
 from fmlab.train import build_callbacks, build_module
 from fmlab.utils.cli import CONFIG_DIR, group_options
 from fmlab.utils.config import instantiate_each
+from tests.image_fixtures import WRITERS
 
 GROUPS = ["method", "path", "schedule", "objective", "coupling", "data", "net", "solver", "trainer", "logger"]
 GROUPS += ["callbacks", "debug", "experiment"]
@@ -28,7 +29,11 @@ def test_every_group_has_options() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group: str, option: str, train_config, tmp_path: Path) -> None:
-    cfg = train_config(f"{group}={option}")
+    overrides = [f"{group}={option}"]
+    if group == "data" and option in WRITERS:  # datasets read from disk: a small copy in the real format
+        WRITERS[option](tmp_path / "data")
+        overrides.append(f"data.data_dir={tmp_path / 'data'}")
+    cfg = train_config(*overrides)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     assert isinstance(module, FlowModule)

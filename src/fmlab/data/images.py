@@ -24,7 +24,8 @@ def dequantize(levels: Tensor, num_levels: int, noise: Tensor) -> Tensor:
 
 
 def quantize(x: Tensor, num_levels: int) -> Tensor:
-    """The inverse of `dequantize`: k = ⌊(x + 1) L/2⌋ clipped to {0..L−1}, as uint8 (for L ≤ 256)."""
+    """The inverse of `dequantize`: k = ⌊(x + 1) L/2⌋ clipped to {0..L−1}, as uint8 (for L ≤ 256). Exact except
+    within float32 precision (~1e-5 of a level) of a bin edge."""
     return torch.floor((x + 1.0) * (num_levels / 2.0)).clamp(0, num_levels - 1).to(torch.uint8)
 
 
@@ -138,3 +139,93 @@ class DigitsDataModule(ImageDataModule):
         order = torch.randperm(len(values), generator=torch.Generator().manual_seed(0))
         num_test = round(self.test_fraction * len(values))
         return values[order[num_test:]], values[order[:num_test]]
+
+
+def _missing(data: str, where: Path, files: list[str], error: Exception | None = None) -> UserError:
+    listed = ", ".join(files)
+    why = f" (download failed: {' '.join(str(error).split())[:160]})" if error is not None else ""
+    return UserError(f"data={data}: expected {listed} under {where}{why}; set data.data_dir=<folder holding them>")
+
+
+class MNISTDataModule(ImageDataModule):
+    """MNIST through torchvision: the idx files under `<data_dir>/MNIST/raw/` (downloaded there when possible)."""
+
+    name = "mnist"
+    data_shape = (1, 28, 28)
+    files = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        from torchvision.datasets import MNIST
+
+        root = self.data_dir or Path("data")
+        try:
+            train, test = (MNIST(root, train=split, download=False) for split in (True, False))
+        except RuntimeError:
+            try:
+                train, test = (MNIST(root, train=split, download=True) for split in (True, False))
+            except Exception as error:
+                raise _missing("mnist", root / "MNIST" / "raw", self.files, error) from None
+        return train.data.unsqueeze(1), test.data.unsqueeze(1)
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """CIFAR-10's python batches (`cifar-10-batches-py/data_batch_1..5`, `test_batch`: pickled dicts of uint8 rows
+    in CHW order), downloaded by torchvision when missing and possible. Random horizontal flips by default."""
+
+    name = "cifar10"
+    data_shape = (3, 32, 32)
+    folder = "cifar-10-batches-py"
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+
+    def __init__(self, *args, flip: bool = True, **kwargs) -> None:
+        super().__init__(*args, flip=flip, **kwargs)
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        root = self.data_dir or Path("data")
+        folder = root / self.folder
+        if not all((folder / f).is_file() for f in [*self.train_files, "test_batch"]):
+            try:
+                from torchvision.datasets import CIFAR10
+
+                CIFAR10(root, download=True)
+            except Exception as error:
+                files = [*self.train_files, "test_batch"]
+                raise _missing("cifar10", folder, files, error) from None
+        train = torch.cat([self._read(folder / f) for f in self.train_files])
+        return train, self._read(folder / "test_batch")
+
+    @staticmethod
+    def _read(path: Path) -> Tensor:
+        import pickle
+
+        with path.open("rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        return torch.from_numpy(batch[b"data"]).reshape(-1, 3, 32, 32)
+
+
+class DownsampledImageNetDataModule(ImageDataModule):
+    """Downsampled ImageNet (Chrabaszcz et al. 2017) as distributed: `train_data_batch_*.npz` and `val_data.npz`
+    (arrays `data`, N × 3·R·R uint8 in CHW order, and `labels`) anywhere under `data_dir`. It needs a login to
+    download, so it is never downloaded here. Held entirely in memory (ImageNet64 train: 15.7 GB)."""
+
+    def __init__(self, *args, resolution: int = 32, **kwargs) -> None:
+        if resolution not in (32, 64):
+            from fmlab.utils.errors import choices_error
+
+            raise choices_error("data.resolution", resolution, (32, 64))
+        self.name, self.data_shape = f"imagenet{resolution}", (3, resolution, resolution)
+        super().__init__(*args, **kwargs)
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        import numpy as np
+
+        root = self.data_dir or Path("data")
+        train_files = sorted(root.rglob("train_data_batch_*.npz"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        val_files = sorted(root.rglob("val_data.npz"))
+        if not train_files or not val_files:
+            raise _missing(self.name, root, ["train_data_batch_1.npz ... train_data_batch_10.npz", "val_data.npz"])
+
+        def read(path: Path) -> Tensor:
+            return torch.from_numpy(np.load(path)["data"]).reshape(-1, *self.data_shape)
+
+        return torch.cat([read(p) for p in train_files]), read(val_files[0])
