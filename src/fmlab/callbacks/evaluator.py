@@ -58,6 +58,16 @@ def generate(
     return samples, [int(n) for n in nfe.tolist()]
 
 
+def over_draws(name: str, values: list[float]) -> dict[str, Any]:
+    """A metric's mean over the generated draws, with its std and the draws themselves."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {name: statistics.fmean(values), f"{name}_std": spread, f"{name}_draws": values}
+
+
+def nfe_stats(per_batch: list[int]) -> dict[str, float]:
+    return {"nfe": statistics.fmean(per_batch), "nfe_max": max(per_batch)}
+
+
 class Evaluator(L.Callback):
     """Every `every_n_steps` optimiser steps (0: never) and at the end of training, generates `num_draws` fixed,
     independent sets of `num_samples` points (the datamodule's evaluation source, EMA weights when an `EMA` callback
@@ -145,15 +155,8 @@ class Evaluator(L.Callback):
             mmd.append(mmd_rbf(samples, held_out, self.mmd_bandwidths))
             floor.append(wasserstein2(datamodule.held_out(self.num_samples, index=1 + draw), held_out))
             nfe += chunk_nfe
-        return {
-            "w2": statistics.fmean(w2),
-            "w2_std": statistics.stdev(w2) if len(w2) > 1 else 0.0,
-            "w2_draws": w2,
-            "w2_floor": statistics.fmean(floor),
-            "mmd": statistics.fmean(mmd),
-            "nfe": statistics.fmean(nfe),
-            "nfe_max": max(nfe),
-        }
+        floor_and_mmd = {"w2_floor": statistics.fmean(floor), "mmd": statistics.fmean(mmd)}
+        return {**over_draws("w2", w2), **floor_and_mmd, **nfe_stats(nfe)}
 
     def fid_metric(self, datamodule: Any, device: torch.device, ranks: Ranks):
         """The FID metric with the reference statistics loaded on rank 0 (computed once per process, cached)."""
@@ -183,13 +186,7 @@ class Evaluator(L.Callback):
             fid.append(float(metric.compute()))  # sums every rank's features: a collective
             metric.reset()  # keeps the reference (reset_real_features=False)
             nfe += chunk_nfe
-        return {
-            "fid": statistics.fmean(fid),
-            "fid_std": statistics.stdev(fid) if len(fid) > 1 else 0.0,
-            "fid_draws": fid,
-            "nfe": statistics.fmean(nfe),
-            "nfe_max": max(nfe),
-        }
+        return {**over_draws("fid", fid), **nfe_stats(nfe)}
 
     def negative_log_likelihood(self, field: VelocityField, datamodule: Any, ranks: Ranks) -> dict[str, Any]:
         """Mean NLL of the held-out set through the PF-ODE, chunked over ranks like generation."""

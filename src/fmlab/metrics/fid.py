@@ -11,6 +11,7 @@ by rank 0 only (zeros elsewhere), so that sum counts them once.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def reference_statistics(
     states = {state: getattr(metric, state).detach().cpu().clone() for state in REAL_STATES}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(".tmp")
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks may write the same cache at once
         torch.save(states, partial)
         partial.replace(cache)
     return states
