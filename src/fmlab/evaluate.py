@@ -18,24 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmlab.utils.cli import CONFIG_DIR, run_entry_point
 from fmlab.utils.errors import UserError, exit_on_user_error
-
-CHECKPOINT_KEY = "fmlab"
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint written by `fmlab.train`, or a one-line error saying what is wrong with the file."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ckpt_path={path} does not exist; give the path of a .ckpt file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(f"ckpt_path={path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"ckpt_path={path} is not a Lightning checkpoint (it has no state_dict)")
-    return checkpoint
+from fmlab.utils.run_files import CHECKPOINT_KEY, load_checkpoint
 
 
 def run_config(checkpoint: dict[str, Any], path: str | Path) -> DictConfig:
@@ -93,8 +76,10 @@ def build_solvers(sweep: DictConfig) -> list[Any]:
 def nfe_sweep(cfg: DictConfig, module, datamodule, net, ranks, output_dir: Path, subject: str = "") -> list[dict]:
     """Sample quality against NFE for every solver of `cfg.sweep`; rows also go to nfe_sweep.csv / .png."""
     rows = []
+    # one evaluator for the whole sweep: its FID extractor and reference statistics are built once
+    evaluator = instantiate_evaluator(cfg, num_draws=cfg.sweep.num_draws, nll_samples=0)
     for solver in build_solvers(cfg.sweep):
-        evaluator = instantiate_evaluator(cfg, solver=solver, num_draws=cfg.sweep.num_draws, nll_samples=0)
+        evaluator.solver = solver
         results = evaluator.evaluate(module, datamodule, net, ranks)
         metric = "fid" if "fid" in results else "w2"
         rows.append(

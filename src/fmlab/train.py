@@ -27,8 +27,6 @@ if TYPE_CHECKING:  # torch and Lightning load inside `train`, so a bad command l
 
 def _local_multirun() -> bool:
     """A Hydra multirun outside SLURM (where srun, not Lightning, starts the ranks)."""
-    import os
-
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -120,9 +118,10 @@ def continue_wandb_run(cfg: DictConfig) -> None:
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if not cfg.ckpt_path or not wandb_cfg:
         return
-    from fmlab.evaluate import load_checkpoint
+    from fmlab.utils.run_files import CHECKPOINT_KEY, load_checkpoint
 
-    run_id = load_checkpoint(cfg.ckpt_path).get("fmlab", {}).get("wandb_id")
+    # mapped, not read: Lightning reads the whole file again when it restores the run
+    run_id = load_checkpoint(cfg.ckpt_path, mmap=True).get(CHECKPOINT_KEY, {}).get("wandb_id")
     if run_id:
         from omegaconf import open_dict
 

@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 
 from fmlab import __version__
+from fmlab.utils.run_files import CHECKPOINT_KEY
 
 # bump when what a checkpoint holds changes in a way older code cannot read
 CHECKPOINT_FORMAT = 1
@@ -23,7 +24,7 @@ class RunConfigInCheckpoint(L.Callback):
         from lightning.pytorch.loggers import WandbLogger
 
         wandb_ids = [lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        checkpoint["fmlab"] = {
+        checkpoint[CHECKPOINT_KEY] = {
             "config": self.config,
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
