@@ -167,13 +167,14 @@ class Evaluator(L.Callback):
             feature = options.get("feature") or getattr(datamodule, "fid_feature", "inception")
             metric, prepare = build_fid(feature, options.get("weights_path"), options.get("inception_dims", 2048))
             metric = metric.to(device)
-            reference = reference_statistics(
-                metric, prepare, datamodule.reference_images(), options.get("cache_dir"), datamodule.name
-            )
+            reference = None  # held by rank 0 alone, so other ranks neither compute nor read it
+            if ranks.rank == 0:
+                images, cache_dir = datamodule.reference_images(), options.get("cache_dir")
+                reference = reference_statistics(metric, prepare, images, cache_dir, datamodule.name)
             self._fid = (metric, prepare, reference)
         metric, prepare, reference = self._fid
         metric.reset()
-        load_reference(metric, reference if ranks.rank == 0 else None)
+        load_reference(metric, reference)
         return metric, prepare
 
     def _image_metrics(self, field: VelocityField, datamodule: Any, ranks: Ranks) -> dict[str, Any]:

@@ -31,18 +31,21 @@ class StepSeed(L.Callback):
 
 class CheckpointOnSigterm(L.Callback):
     """On SIGTERM (a scheduler's preemption, `kill`), save `step<k>.ckpt` after the step in progress, point
-    `last.ckpt` at it, and exit with status 143. Lightning alone would only stop at the end of the epoch."""
+    `last.ckpt` at it, and exit with status 143.
+
+    One process only: Lightning just notes the signal (and would stop at the end of the epoch), so the flag is read
+    after every step. Under DDP Lightning itself shares the flag before each step and stops every rank; saving then
+    hangs gloo here, so a DDP run resumes from its last epoch checkpoint. (No per-step collective of our own.)
+    """
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        stop = bool(getattr(trainer, "received_sigterm", False))
-        if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop or trainer.checkpoint_callback is None or trainer.checkpoint_callback.dirpath is None:
+        if trainer.world_size > 1 or not getattr(trainer, "received_sigterm", False):
             return
-        directory = Path(trainer.checkpoint_callback.dirpath)
-        target = directory / f"step{trainer.global_step:07d}.ckpt"
-        trainer.save_checkpoint(target)
-        if trainer.is_global_zero:
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath is not None:
+            directory = Path(checkpoint.dirpath)
+            target = directory / f"step{trainer.global_step:07d}.ckpt"
+            trainer.save_checkpoint(target)
             last = directory / "last.ckpt"
             if last.is_symlink() or last.exists():
                 last.unlink()

@@ -106,7 +106,7 @@ def reference_statistics(
     states = {state: getattr(metric, state).detach().cpu().clone() for state in REAL_STATES}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks may write the same cache at once
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")  # concurrent jobs may write the same cache
         torch.save(states, partial)
         partial.replace(cache)
     return states
