@@ -42,7 +42,7 @@ def unbroken(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_and_kill(run_dir: Path, sig: signal.Signals, *extra: str) -> subprocess.CompletedProcess:
-    """Start a run, wait for its first checkpoint (step 200), let it go on a little, then send `sig`."""
+    """Start a run, wait for its first checkpoint (step 200), let it go on a little, then send `sig` from outside."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "fmlab.train", *RUN, *extra, f"hydra.run.dir={run_dir}"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -56,13 +56,25 @@ def start_and_kill(run_dir: Path, sig: signal.Signals, *extra: str) -> subproces
     return subprocess.CompletedProcess(command, process.returncode, stdout.decode(), stderr.decode())
 
 
-def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_like_an_unbroken_one(unbroken, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("step", "when"),
+    [(300, "batch_end"), (200, "epoch_end")],
+    ids=["mid_epoch", "during_epoch_end_checkpoint"],
+)
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_like_an_unbroken_one(
+    unbroken, tmp_path: Path, step: int, when: str
+) -> None:
     run_dir = tmp_path / "run"
-    killed = start_and_kill(run_dir, signal.SIGTERM, "logger=many")
+    # a real SIGTERM, sent by the run to itself at a fixed step so the test does not race the machine's speed
+    killed = run_cli(
+        "fmlab.train", *RUN, "logger=many", f"hydra.run.dir={run_dir}",
+        f"+callbacks.signal={{_target_: tests.signals.SignalAt, step: {step}, when: {when}}}",
+        cwd=REPO_ROOT,
+    )  # fmt: skip
     assert killed.returncode == 143, killed.stderr[-3000:]
     last = (run_dir / "checkpoints" / "last.ckpt").resolve()
-    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert 200 < step < 600 and last.name == f"step{step:07d}.ckpt"  # saved mid-epoch, at the step it stopped
+    assert last.name == f"step{step:07d}.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step
     assert not (run_dir / "metrics.json").exists()
 
     resumed = run_cli("fmlab.train", f"ckpt_path={run_dir}", cwd=REPO_ROOT)

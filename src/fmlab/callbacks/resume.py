@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmlab.data.toy2d import stream_seed
 
@@ -41,17 +42,30 @@ class CheckpointOnSigterm(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.world_size > 1 or not getattr(trainer, "received_sigterm", False):
             return
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.dirpath is not None:
-            directory = Path(checkpoint.dirpath)
-            target = directory / f"step{trainer.global_step:07d}.ckpt"
-            trainer.save_checkpoint(target)
-            last = directory / "last.ckpt"
-            if last.is_symlink() or last.exists():
-                last.unlink()
-            os.symlink(target.name, last)
-            print(f"fmlab: SIGTERM: saved {target}; resume with ckpt_path={directory.parent}", flush=True)
+        self._save(trainer)
         raise SystemExit(SIGTERM_EXIT_STATUS)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A signal that lands after an epoch's last step (while the epoch-end checkpoint is written) is raised by
+        Lightning's fit loop as `SIGTERMException`, a `SystemExit` with status 0: save, and exit with 143."""
+        if trainer.world_size > 1 or not isinstance(exception, SIGTERMException):
+            return
+        self._save(trainer)
+        exception.code = SIGTERM_EXIT_STATUS  # the same exception is re-raised by Lightning after this hook
+
+    @staticmethod
+    def _save(trainer: L.Trainer) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is None or checkpoint.dirpath is None:
+            return
+        directory = Path(checkpoint.dirpath)
+        target = directory / f"step{trainer.global_step:07d}.ckpt"
+        trainer.save_checkpoint(target)
+        last = directory / "last.ckpt"
+        if last.is_symlink() or last.exists():
+            last.unlink()
+        os.symlink(target.name, last)
+        print(f"fmlab: SIGTERM: saved {target}; resume with ckpt_path={directory.parent}", flush=True)
 
 
 class StopOnNonFiniteLoss(L.Callback):

@@ -1,0 +1,30 @@
+"""A callback the kill-and-resume tests add from the command line: it sends a real signal to its own process at a
+chosen point of training, so the point the run is killed at does not depend on the machine's speed."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import lightning as L
+
+
+class SignalAt(L.Callback):
+    """Send `signal_name` to this process after training step `step` ("batch_end"), or at the end of the epoch that
+    ends at `step` ("epoch_end", after the step's hooks: what a kill during the epoch-end checkpoint looks like)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM", when: str = "batch_end") -> None:
+        if when not in ("batch_end", "epoch_end"):
+            raise ValueError(f"when={when!r}: expected batch_end or epoch_end")
+        self.step, self.signal, self.when = step, getattr(signal, signal_name), when
+
+    def _maybe_send(self, trainer: L.Trainer, when: str) -> None:
+        if when == self.when and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signal)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._maybe_send(trainer, "batch_end")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._maybe_send(trainer, "epoch_end")
