@@ -27,17 +27,27 @@ def test_every_group_has_options() -> None:
     assert (CONFIG_DIR / "train.yaml").is_file()
 
 
+IMAGE_DATA_OF_NET = {"unet_small": "digits", "unet_cifar10": "cifar10", "unet_imagenet32": "imagenet32"}
+IMAGE_DATA_OF_NET["unet_imagenet64"] = "imagenet64"
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group: str, option: str, train_config, tmp_path: Path) -> None:
     overrides = [f"{group}={option}"]
-    if group == "data" and option in WRITERS:  # datasets read from disk: a small copy in the real format
-        WRITERS[option](tmp_path / "data")
+    if group == "net" and option in IMAGE_DATA_OF_NET:
+        overrides.append(f"data={IMAGE_DATA_OF_NET[option]}")
+    data = train_config(*overrides).data.target
+    if data in WRITERS:  # datasets read from disk: a small copy in the real format
+        WRITERS[data](tmp_path / "data")
         overrides.append(f"data.data_dir={tmp_path / 'data'}")
     cfg = train_config(*overrides)
     datamodule = instantiate(cfg.data)
-    module = build_module(cfg)
+    with torch.device("meta"):  # every constructor runs, without the memory and random init of 150M+ parameters
+        module = build_module(cfg)
     assert isinstance(module, FlowModule)
     assert datamodule.data_shape == tuple(cfg.data.shape)
+    if cfg.net._target_.endswith("UNet"):
+        assert module.net.data_shape == datamodule.data_shape
     instantiate(cfg.solver)
     callbacks = build_callbacks(cfg)
     loggers = instantiate_each(cfg.get("logger"))

@@ -84,3 +84,17 @@ def test_missing_files_stop_with_one_line_naming_them(tmp_path: Path) -> None:
         DownsampledImageNetDataModule(resolution=16, data_dir=str(tmp_path))
     with pytest.raises(UserError, match="data.target=cifar10 does not match"):
         DigitsDataModule(target="cifar10")
+
+
+@pytest.mark.slow
+def test_a_short_digits_unet_run_reaches_a_fid_far_below_the_untrained_nets(train_config) -> None:
+    from hydra.utils import instantiate
+
+    from fmlab.train import build_module, train
+
+    overrides = ["experiment=digits_fm_ot", "logger=none", "trainer.max_steps=1000", "eval.nll_samples=0"]
+    cfg = train_config(*overrides, "callbacks.sample_logger=null")
+    torch.manual_seed(cfg.seed)
+    untrained = instantiate(cfg.eval).evaluate(build_module(cfg), instantiate(cfg.data))["fid"]
+    metrics = train(cfg)
+    assert metrics["fid"] < 0.25 * untrained, (metrics["fid"], untrained)

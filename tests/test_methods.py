@@ -8,7 +8,7 @@ from fmlab.train import train
 from fmlab.utils.cli import group_options
 from tests.test_train import untrained_w2
 
-QUICK = ["logger=none", "trainer.max_steps=1000", "data.num_eval_samples=500", "eval.num_draws=1"]
+QUICK = ["logger=none", "trainer.max_steps=1000", "data.num_eval_samples=500", "eval.num_draws=1", "eval.nll_samples=0"]
 
 
 @pytest.mark.parametrize("method", ["fm_vp", "ddpm", "score_ve", "scoreflow", "sbcfm"])

@@ -6,6 +6,7 @@ Rows:
 - train step: `python -m fmlab.train`'s training loop (Lightning, FlowModule, the default per-step callbacks and
   CSV logging) against a hand-written PyTorch loop with the same net, data stream, optimiser, LR schedule and EMA.
 - minibatch OT: the same comparison for `method=otcfm` (exact OT pairing each step on both sides).
+- U-Net: the same comparison for FM-OT on 8×8 digits with `net=unet_small` (1/20 of the steps: each costs more).
 - sampler: `fmlab.sampling.sample` (the Evaluator's path: objective → velocity, NFE count, t-range guard) against
   a bare `torchdiffeq.odeint` call on the same net, source batch, method and tolerance.
 - evaluation throughput: samples/s of generation + W2/MMD (moons) or + FID (digits features), and held-out
@@ -82,7 +83,7 @@ def bare_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
     schedule = instantiate(cfg.schedule)
     smoothing = float(cfg.path.smoothing_sigma) if cfg.path.smoothing == "constant" else 0.0
     optimizer = instantiate(cfg.optimizer)(params=net.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.scheduler else None
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.get("scheduler") else None
     decay = float(cfg.callbacks.ema.decay)
     batches = iter(datamodule.train_dataloader())
     started = 0.0
@@ -95,7 +96,7 @@ def bare_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
             batches = iter(datamodule.train_dataloader())
             x0, x1 = next(batches)
         x0, x1 = coupling(x0, x1)
-        t = torch.rand(x1.shape[0], 1)
+        t = torch.rand(x1.shape[0]).view(-1, *[1] * (x1.dim() - 1))
         x_t = schedule.alpha(t) * x1 + schedule.sigma(t) * x0
         u_t = schedule.d_alpha(t) * x1 + schedule.d_sigma(t) * x0
         if smoothing:
@@ -195,6 +196,16 @@ def main() -> None:
             "train step, OT-CFM 2D MLP (exact minibatch OT)", ["method=otcfm"], args.steps, args.warmup, args.rounds
         ),
     ]
+    unet_steps, unet_warmup = max(args.steps // 20, 10), max(args.warmup // 20, 3)
+    rows.append(
+        compare(
+            "train step, FM-OT digits unet_small",
+            ["data=digits", "net=unet_small"],
+            unet_steps,
+            unet_warmup,
+            args.rounds,
+        )
+    )
     ours, bare, nfe = sampler_seconds(num_samples=2000, repeats=10 * args.rounds)
     rows.append(
         {

@@ -50,7 +50,7 @@ def format_cell(runs: list[dict], metric: str) -> str:
     if not values:
         return NOT_RUN
     mean, std = mean_std(values)
-    digits = 0 if metric.startswith("nfe") else 3
+    digits = 0 if metric.startswith("nfe") or metric.endswith("seconds") else 3
     text = f"{mean:.{digits}f} ± {std:.{digits}f}"
     return text if len(values) >= 3 else f"{text} (n={len(values)})"
 
@@ -63,11 +63,12 @@ def render_markdown(table: DictConfig, cells: dict[tuple[str, str], list[dict]])
     for row in table.row_order:
         entries = [format_cell(cells.get((row, c), []), m) for c in columns for m in metrics]
         lines.append("| " + " | ".join([row, *entries]) + " |")
-    floors = []
-    for c in columns:
-        runs = [r for (_, col), rs in cells.items() if col == c for r in rs]
-        floors += [format_cell(runs, "w2_floor") if m == "w2" else "" for m in metrics]
-    lines.append("| floor (held-out vs held-out) | " + " | ".join(floors) + " |")
+    if "w2" in metrics:
+        floors = []
+        for c in columns:
+            runs = [r for (_, col), rs in cells.items() if col == c for r in rs]
+            floors += [format_cell(runs, "w2_floor") if m == "w2" else "" for m in metrics]
+        lines.append("| floor (held-out vs held-out) | " + " | ".join(floors) + " |")
     runs = [r for rs in cells.values() for r in rs]
     seconds = sum(float(r.get("train_seconds", 0.0)) for r in runs)
     lines += ["", f"{len(runs)} runs, {seconds / 60:.1f} minutes of training in all."]

@@ -51,14 +51,17 @@ def build_module(cfg: DictConfig) -> FlowModule:
     from hydra.utils import instantiate
 
     from fmlab.module import FlowModule
+    from fmlab.utils.performance import configure_throughput
 
+    performance = cfg.get("performance") or {}
+    net = configure_throughput(instantiate(cfg.net), **performance)
     return FlowModule(
-        net=instantiate(cfg.net),
+        net=net,
         path=instantiate(cfg.path),
         objective=instantiate(cfg.objective),
         coupling=instantiate(cfg.coupling),
         optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         scheduler_interval=cfg.scheduler_interval,
     )
 
