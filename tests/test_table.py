@@ -7,9 +7,10 @@ import json
 import statistics
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
-from fmlab.table import aggregate, collect_metrics, render_markdown
+from fmlab.table import aggregate, collect_metrics, column_value, render_markdown, sweep_jobs
 from fmlab.utils.cli import CONFIG_DIR
 from tests.conftest import run_cli
 
@@ -26,9 +27,9 @@ def fixture_sweep(root: Path) -> None:
         write_run(root, f"b/{seed}", method="ddpm", source="gaussian", seed=seed, w2=w2, nfe=150, w2_floor=0.077)
 
 
-def table_config():
+def table_config(name: str = "methods2d"):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("table", overrides=["table=methods2d"]).table
+        return compose("table", overrides=[f"table={name}"]).table
 
 
 def test_cells_are_mean_and_std_over_seeds_and_missing_cells_say_not_run(tmp_path: Path) -> None:
@@ -61,3 +62,57 @@ def test_table_cli_reads_a_finished_sweep_and_writes_markdown_and_csv(tmp_path: 
 def test_table_cli_without_a_sweep_says_what_to_do(tmp_path: Path) -> None:
     result = run_cli("fmlab.table", f"sweep_dir={tmp_path / 'missing'}", "run=false", cwd=tmp_path)
     assert result.returncode == 2 and "holds no metrics.json; run the table first" in result.stderr
+
+
+def test_published_numbers_sit_beside_the_measured_ones_and_missing_runs_stay_missing(tmp_path: Path) -> None:
+    for seed, (bpd, fid, nfe) in enumerate([(3.01, 6.1, 140), (3.03, 6.5, 150)]):
+        write_run(tmp_path, f"ot/{seed}", method="fm_ot", data="cifar10", seed=seed, bpd=bpd, fid=fid, nfe=nfe)
+    table = table_config("lipman_table1")
+    markdown = render_markdown(table, aggregate(collect_metrics(tmp_path), table.rows, table.columns))
+    lines = markdown.splitlines()
+    assert lines[2].startswith("| method | CIFAR-10: bpd | CIFAR-10: fid | CIFAR-10: nfe | ImageNet 32×32: bpd")
+    fm_ot = next(line for line in lines if line.startswith("| FM w/ OT |")).split(" | ")
+    assert fm_ot[1] == f"3.020 ± {statistics.stdev([3.01, 3.03]):.3f} (n=2) (paper 2.99)"
+    assert fm_ot[3] == "145 ± 7 (n=2) (paper 142)"
+    assert fm_ot[4] == "not run (paper 3.53)"  # ImageNet 32 BPD: no run, the paper's number only
+    ddpm = next(line for line in lines if line.startswith("| DDPM |"))
+    assert ddpm.count("not run") == 9 and "(paper 7.48)" in ddpm and "(paper 17.36)" in ddpm
+    assert "Published numbers in parentheses: Lipman et al. 2023, Table 1." in markdown
+
+
+def test_columns_can_join_fields_and_show_their_own_metrics(tmp_path: Path) -> None:
+    write_run(tmp_path, "a", method="otcfm", source="8gaussians", data="moons", seed=0, w2=0.5, w2_floor=0.07)
+    write_run(tmp_path, "b", method="fm_ot", source="8gaussians", data="moons", seed=0, w2=0.6, w2_floor=0.07)
+    tong = table_config("tong2d")
+    lines = render_markdown(tong, aggregate(collect_metrics(tmp_path), tong.rows, tong.columns)).splitlines()
+    assert (
+        next(line for line in lines if line.startswith("| OT-CFM |")).split(" | ")[2]
+        == "0.500 ± 0.000 (n=1) (paper 0.601)"
+    )
+    assert next(line for line in lines if line.startswith("| FM |")).split(" | ")[2] == "0.600 ± 0.000 (n=1) (paper –)"
+    write_run(tmp_path, "c", method="ddpm", source="gaussian", data="digits", seed=0, fid=9.0, bpd=2.0, nfe=200)
+    small = table_config("cpu_small")
+    header = render_markdown(small, aggregate(collect_metrics(tmp_path), small.rows, small.columns)).splitlines()[2]
+    assert header == "| method | digits: fid | digits: bpd | digits: nfe | moons: w2 | moons: nll | moons: nfe |"
+
+
+@pytest.mark.parametrize("name", ["methods2d", "digits", "cpu_small", "tong2d", "lipman_table1"])
+def test_every_table_sweep_runs_into_its_own_cells_and_covers_every_published_number(name: str) -> None:
+    table = table_config(name)
+    covered = set()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for overrides in table.sweeps.values():
+            for job in sweep_jobs([*table.common, *overrides]):
+                cfg = compose("train", overrides=[o for o in job if not o.startswith("seed=")])
+                record = {
+                    "method": cfg.method.name,
+                    "data": cfg.data.target,
+                    "source": cfg.data.get("source", "gaussian"),
+                }
+                cell = (str(record[table.rows]), column_value(record, table.columns))
+                assert cell[0] in table.row_order and cell[1] in table.column_order, (job, cell)
+                covered.add(cell)
+    published = {(row, column) for row, columns in (table.get("reference") or {}).items() for column in columns}
+    assert published <= covered
+    empty = {tuple(cell) for cell in table.get("empty_cells", [])}
+    assert covered == {(r, c) for r in table.row_order for c in table.column_order} - empty

@@ -33,11 +33,19 @@ def collect_metrics(sweep_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(Path(sweep_dir).rglob(METRICS_FILE))]
 
 
-def aggregate(records: Iterable[dict[str, Any]], row_key: str, column_key: str) -> dict[tuple[str, str], list[dict]]:
+def column_value(record: dict[str, Any], column_key: str | list[str]) -> str:
+    """A run's column: one metrics.json field, or several joined by "→" (e.g. source → data)."""
+    keys = [column_key] if isinstance(column_key, str) else list(column_key)
+    return "→".join(str(record.get(k)) for k in keys)
+
+
+def aggregate(
+    records: Iterable[dict[str, Any]], row_key: str, column_key: str | list[str]
+) -> dict[tuple[str, str], list[dict]]:
     """Group runs into table cells by (row value, column value)."""
     cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for record in records:
-        cells[(str(record.get(row_key)), str(record.get(column_key)))].append(record)
+        cells[(str(record.get(row_key)), column_value(record, column_key))].append(record)
     return cells
 
 
@@ -45,58 +53,101 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def decimals(metric: str) -> int:
+    return 0 if metric.startswith("nfe") or metric.endswith("seconds") else 3
+
+
 def format_cell(runs: list[dict], metric: str) -> str:
     values = [float(r[metric]) for r in runs if isinstance(r.get(metric), int | float)]
     if not values:
         return NOT_RUN
     mean, std = mean_std(values)
-    digits = 0 if metric.startswith("nfe") or metric.endswith("seconds") else 3
+    digits = decimals(metric)
     text = f"{mean:.{digits}f} ± {std:.{digits}f}"
     return text if len(values) >= 3 else f"{text} (n={len(values)})"
 
 
+def column_metrics(table: DictConfig, column: str) -> list[str]:
+    """The metrics a column shows: `column_metrics[column]` where given (FID for images, W2 for points)."""
+    return list((table.get("column_metrics") or {}).get(column, table.metrics))
+
+
+def reference_value(table: DictConfig, row: str, column: str, metric: str) -> str | None:
+    """The published number for a cell, as the paper printed it ("–" where it has none); None: no reference."""
+    reference = table.get("reference") or {}
+    if row not in reference or column not in reference[row] or metric not in reference[row][column]:
+        return None
+    value = reference[row][column][metric]
+    return "–" if value is None else str(value)
+
+
 def render_markdown(table: DictConfig, cells: dict[tuple[str, str], list[dict]]) -> str:
-    columns, metrics = list(table.column_order), list(table.metrics)
-    labels = dict(table.get("column_labels") or {})
-    header = [table.rows] + [f"{labels.get(c, c)}: {m}" for c in columns for m in metrics]
+    columns = list(table.column_order)
+    column_labels, row_labels = dict(table.get("column_labels") or {}), dict(table.get("row_labels") or {})
+    cell_keys = [(c, m) for c in columns for m in column_metrics(table, c)]
+    header = [table.rows] + [f"{column_labels.get(c, c)}: {m}" for c, m in cell_keys]
     lines = [f"**{table.title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.row_order:
-        entries = [format_cell(cells.get((row, c), []), m) for c in columns for m in metrics]
-        lines.append("| " + " | ".join([row, *entries]) + " |")
-    if "w2" in metrics:
+        entries = []
+        for column, metric in cell_keys:
+            entry = format_cell(cells.get((row, column), []), metric)
+            reference = reference_value(table, row, column, metric)
+            entries.append(entry if reference is None else f"{entry} (paper {reference})")
+        lines.append("| " + " | ".join([row_labels.get(row, row), *entries]) + " |")
+    if any(m == "w2" for _, m in cell_keys):
         floors = []
-        for c in columns:
-            runs = [r for (_, col), rs in cells.items() if col == c for r in rs]
-            floors += [format_cell(runs, "w2_floor") if m == "w2" else "" for m in metrics]
+        for column, metric in cell_keys:
+            runs = [r for (_, col), rs in cells.items() if col == column for r in rs]
+            floors.append(format_cell(runs, "w2_floor") if metric == "w2" else "")
         lines.append("| floor (held-out vs held-out) | " + " | ".join(floors) + " |")
     runs = [r for rs in cells.values() for r in rs]
     seconds = sum(float(r.get("train_seconds", 0.0)) for r in runs)
-    lines += ["", f"{len(runs)} runs, {seconds / 60:.1f} minutes of training in all."]
+    wall = sum(float(r.get("wall_seconds", 0.0)) for r in runs)
+    lines += [
+        "",
+        f"{len(runs)} runs, {seconds / 60:.1f} minutes of training ({wall / 60:.1f} minutes wall time) in all.",
+    ]
+    if table.get("reference"):
+        lines.append(f"Published numbers in parentheses: {table.reference_source}.")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(target: Path, table: DictConfig, cells: dict[tuple[str, str], list[dict]]) -> None:
-    metrics = [*table.metrics, *table.get("extra_metrics", [])]
+    metrics = list(dict.fromkeys([m for c in table.column_order for m in column_metrics(table, c)]))
+    metrics += [m for m in table.get("extra_metrics", []) if m not in metrics]
     with target.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([table.rows, table.columns, "runs", *[f"{m}_{s}" for m in metrics for s in ("mean", "std")]])
+        header = [f"{m}_{s}" for m in metrics for s in ("mean", "std")] + [f"{m}_paper" for m in metrics]
+        column_header = table.columns if isinstance(table.columns, str) else "→".join(table.columns)
+        writer.writerow([table.rows, column_header, "runs", *header])
         for row in table.row_order:
             for column in table.column_order:
                 runs = cells.get((row, column), [])
-                values = []
+                values: list[Any] = []
                 for metric in metrics:
                     numbers = [float(r[metric]) for r in runs if isinstance(r.get(metric), int | float)]
                     values += list(mean_std(numbers)) if numbers else ["", ""]
-                writer.writerow([row, column, len(runs), *values])
+                references = [reference_value(table, row, column, m) or "" for m in metrics]
+                writer.writerow([row, column, len(runs), *values, *references])
+
+
+def sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The override list of every job a multirun over `args` launches (the product of its sweep lists)."""
+    jobs: list[list[str]] = [[]]
+    for override in OverridesParser.create().parse_overrides(args):
+        key = override.get_key_element()
+        values = (
+            [override.get_value_element_as_str()]
+            if not override.is_sweep_override()
+            else [str(v) for v in override.sweep_string_iterator()]
+        )
+        jobs = [[*job, f"{key}={value}"] for job in jobs for value in values]
+    return jobs
 
 
 def expected_jobs(args: list[str]) -> int:
-    """How many jobs a multirun over `args` launches: the product of the sweep lists' lengths."""
-    count = 1
-    for override in OverridesParser.create().parse_overrides(args):
-        if override.is_sweep_override():
-            count *= len(list(override.sweep_iterator()))
-    return count
+    """How many jobs a multirun over `args` launches."""
+    return len(sweep_jobs(args))
 
 
 def run_sweeps(table: DictConfig, sweep_dir: Path) -> None:
