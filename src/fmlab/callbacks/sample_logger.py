@@ -6,14 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import matplotlib
+import matplotlib.pyplot as plt  # no backend forced: headless runs get Agg, notebooks their inline backend
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from fmlab.callbacks.ema import sampling_net  # noqa: E402
-from fmlab.sampling import ODEResult, ODESolver, sample  # noqa: E402
+from fmlab.callbacks.ema import sampling_net
+from fmlab.sampling import ODEResult, ODESolver, sample
 
 
 def plot_2d_samples(data: Tensor, result: ODEResult, num_trajectories: int, title: str):
