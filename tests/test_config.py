@@ -14,7 +14,19 @@ from fmlab.utils.cli import CONFIG_DIR, group_options
 from fmlab.utils.config import instantiate_each
 from tests.image_fixtures import WRITERS
 
-GROUPS = ["method", "path", "schedule", "objective", "coupling", "data", "net", "solver", "trainer", "logger"]
+GROUPS = [
+    "method",
+    "path",
+    "schedule",
+    "objective",
+    "coupling",
+    "data",
+    "net",
+    "solver",
+    "scheduler",
+    "trainer",
+    "logger",
+]
 GROUPS += ["callbacks", "debug", "experiment"]
 OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
 

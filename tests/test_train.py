@@ -97,6 +97,11 @@ def test_default_job_leaves_config_csv_wandb_checkpoint_png_and_metrics(tmp_path
         ),
         ("trainer.max_steps=-1", "trainer.max_steps=-1 is invalid; it must be a positive integer"),
         ("schedule.sigma_min=0", "schedule.sigma_min=0 is invalid; it must satisfy 0 < sigma_min < 1"),
+        (
+            "net=unet_small",
+            "the U-Net needs image data shaped (channels, height, width) but data.shape=[2]; use net=mlp",
+        ),
+        ("scheduler=nope", "scheduler=nope is not a valid choice; choose one of: constant, cosine, warmup_polynomial"),
     ],
 )
 def test_bad_overrides_end_with_one_line_naming_value_and_choices(override: str, expected: str, tmp_path: Path) -> None:
