@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fmlab.table import aggregate, collect_metrics, column_value, render_markdown, sweep_jobs
+from fmlab.table import aggregate, collect_metrics, column_value, render_markdown, sweep_jobs, write_csv
 from fmlab.utils.cli import CONFIG_DIR
 from tests.conftest import run_cli
 
@@ -68,7 +68,13 @@ def test_published_numbers_sit_beside_the_measured_ones_and_missing_runs_stay_mi
     for seed, (bpd, fid, nfe) in enumerate([(3.01, 6.1, 140), (3.03, 6.5, 150)]):
         write_run(tmp_path, f"ot/{seed}", method="fm_ot", data="cifar10", seed=seed, bpd=bpd, fid=fid, nfe=nfe)
     table = table_config("lipman_table1")
-    markdown = render_markdown(table, aggregate(collect_metrics(tmp_path), table.rows, table.columns))
+    cells = aggregate(collect_metrics(tmp_path), table.rows, table.columns)
+    markdown = render_markdown(table, cells)
+    write_csv(tmp_path / "table.csv", table, cells)
+    rows = list(csv.DictReader((tmp_path / "table.csv").open()))
+    cifar = next(r for r in rows if r["method"] == "fm_ot" and r["data"] == "cifar10")
+    assert (cifar["runs"], cifar["bpd_paper"], cifar["fid_paper"], cifar["nfe_paper"]) == ("2", "2.99", "6.35", "142")
+    assert float(cifar["bpd_mean"]) == pytest.approx(3.02)
     lines = markdown.splitlines()
     assert lines[2].startswith("| method | CIFAR-10: bpd | CIFAR-10: fid | CIFAR-10: nfe | ImageNet 32×32: bpd")
     fm_ot = next(line for line in lines if line.startswith("| FM w/ OT |")).split(" | ")
@@ -85,11 +91,8 @@ def test_columns_can_join_fields_and_show_their_own_metrics(tmp_path: Path) -> N
     write_run(tmp_path, "b", method="fm_ot", source="8gaussians", data="moons", seed=0, w2=0.6, w2_floor=0.07)
     tong = table_config("tong2d")
     lines = render_markdown(tong, aggregate(collect_metrics(tmp_path), tong.rows, tong.columns)).splitlines()
-    assert (
-        next(line for line in lines if line.startswith("| OT-CFM |")).split(" | ")[2]
-        == "0.500 ± 0.000 (n=1) (paper 0.601)"
-    )
-    assert next(line for line in lines if line.startswith("| FM |")).split(" | ")[2] == "0.600 ± 0.000 (n=1) (paper –)"
+    assert next(line for line in lines if line.startswith("| OT-CFM |")).split(" | ")[2] == "0.500 (n=1) (paper 0.601)"
+    assert next(line for line in lines if line.startswith("| FM |")).split(" | ")[2] == "0.600 (n=1) (paper –)"
     write_run(tmp_path, "c", method="ddpm", source="gaussian", data="digits", seed=0, fid=9.0, bpd=2.0, nfe=200)
     small = table_config("cpu_small")
     header = render_markdown(small, aggregate(collect_metrics(tmp_path), small.rows, small.columns)).splitlines()[2]

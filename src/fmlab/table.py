@@ -63,6 +63,8 @@ def format_cell(runs: list[dict], metric: str) -> str:
         return NOT_RUN
     mean, std = mean_std(values)
     digits = decimals(metric)
+    if len(values) == 1:
+        return f"{mean:.{digits}f} (n=1)"
     text = f"{mean:.{digits}f} ± {std:.{digits}f}"
     return text if len(values) >= 3 else f"{text} (n={len(values)})"
 
@@ -117,7 +119,8 @@ def write_csv(target: Path, table: DictConfig, cells: dict[tuple[str, str], list
     metrics += [m for m in table.get("extra_metrics", []) if m not in metrics]
     with target.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        header = [f"{m}_{s}" for m in metrics for s in ("mean", "std")] + [f"{m}_paper" for m in metrics]
+        papers = metrics if table.get("reference") else []
+        header = [f"{m}_{s}" for m in metrics for s in ("mean", "std")] + [f"{m}_paper" for m in papers]
         column_header = table.columns if isinstance(table.columns, str) else "→".join(table.columns)
         writer.writerow([table.rows, column_header, "runs", *header])
         for row in table.row_order:
@@ -127,7 +130,7 @@ def write_csv(target: Path, table: DictConfig, cells: dict[tuple[str, str], list
                 for metric in metrics:
                     numbers = [float(r[metric]) for r in runs if isinstance(r.get(metric), int | float)]
                     values += list(mean_std(numbers)) if numbers else ["", ""]
-                references = [reference_value(table, row, column, m) or "" for m in metrics]
+                references = [reference_value(table, row, column, m) or "" for m in papers]
                 writer.writerow([row, column, len(runs), *values, *references])
 
 
