@@ -58,7 +58,7 @@ def start_and_kill(run_dir: Path, sig: signal.Signals, *extra: str) -> subproces
 
 @pytest.mark.parametrize(
     ("step", "when"),
-    [(300, "batch_end"), (200, "epoch_end")],
+    [pytest.param(300, "batch_end", marks=pytest.mark.slow), (200, "epoch_end")],
     ids=["mid_epoch", "during_epoch_end_checkpoint"],
 )
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_like_an_unbroken_one(

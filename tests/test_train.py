@@ -66,6 +66,7 @@ def test_data_to_data_cfm_from_8gaussians_to_moons_learns(method: str, train_con
     assert metrics["w2"] < 0.5 * untrained_w2(cfg)
 
 
+@pytest.mark.slow  # debug=fdr composes and instantiates in test_config; this runs it end to end
 def test_fast_dev_run_through_the_cli(tmp_path: Path) -> None:
     result = run_cli("fmlab.train", "debug=fdr", "logger=none", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -97,10 +98,6 @@ def test_default_job_leaves_config_csv_wandb_checkpoint_png_and_metrics(tmp_path
         ),
         ("trainer.max_steps=-1", "trainer.max_steps=-1 is invalid; it must be a positive integer"),
         ("schedule.sigma_min=0", "schedule.sigma_min=0 is invalid; it must satisfy 0 < sigma_min < 1"),
-        (
-            "net=unet_small",
-            "the U-Net needs image data shaped (channels, height, width) but data.shape=[2]; use net=mlp",
-        ),
         ("scheduler=nope", "scheduler=nope is not a valid choice; choose one of: constant, cosine, warmup_polynomial"),
     ],
 )
