@@ -85,7 +85,10 @@ def test_default_job_leaves_config_csv_wandb_checkpoint_png_and_metrics(tmp_path
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (run_dir / "samples.png").is_file()
-    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 120
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 120
+    assert f"fmlab: net MLP with {metrics['net_parameters']:,} parameters" in result.stdout
+    assert metrics["net_parameters"] == (3 * 128 + 128) + 2 * (128 * 128 + 128) + (128 * 2 + 2)  # conf/net/mlp.yaml
 
 
 @pytest.mark.parametrize(

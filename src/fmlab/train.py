@@ -102,6 +102,7 @@ def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbac
         "path": repr(module.path),
         "objective": repr(module.objective),
         "coupling": repr(module.coupling),
+        "net_parameters": sum(p.numel() for p in module.net.parameters()),
         "fmlab_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -152,6 +153,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"data.source={source} cannot be used with method={cfg.method.name}: its objective "
             f"({module.objective!r}) assumes a N(0, I) source; use data.source=gaussian or a velocity objective"
         )
+    parameters = sum(p.numel() for p in module.net.parameters())
+    print(f"fmlab: net {type(module.net).__name__} with {parameters:,} parameters", flush=True)
     callbacks = build_callbacks(cfg)
     continue_wandb_run(cfg)
     loggers = instantiate_each(cfg.get("logger"))
