@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fmlab.table import aggregate, collect_metrics, column_value, render_markdown, sweep_jobs, write_csv
+from fmlab.table import (
+    aggregate,
+    collect_metrics,
+    column_value,
+    render_markdown,
+    sweep_jobs,
+    threads_per_worker,
+    write_csv,
+)
 from fmlab.utils.cli import CONFIG_DIR
 from tests.conftest import run_cli
 
@@ -123,3 +131,32 @@ def test_every_table_sweep_runs_into_its_own_cells_and_covers_every_published_nu
     assert published <= covered
     empty = {tuple(cell) for cell in table.get("empty_cells", [])}
     assert covered == {(r, c) for r in table.row_order for c in table.column_order} - empty
+
+
+def test_concurrent_sweeps_run_every_job_with_split_threads_and_skip_finished_ones(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    tiny = ["logger=none", "trainer.max_steps=20", "eval.num_samples=64", "eval.num_draws=1", "eval.nll_samples=0"]
+    args = [
+        "table=methods2d",
+        f"sweep_dir={sweep_dir}",
+        "workers=2",
+        "table.common=[" + ",".join(f"'{o}'" for o in tiny) + "]",  # quoted: list items that hold '='
+        "~table.sweeps",
+        "+table.sweeps={fm:['method=fm_ot'],icfm:['method=icfm']}",
+    ]
+    result = run_cli("fmlab.table", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = {r["method"]: r for r in collect_metrics(sweep_dir)}
+    assert set(runs) == {"fm_ot", "icfm"} and all(r["steps"] == 20 for r in runs.values())
+    assert all(r["torch_threads"] == threads_per_worker(2) for r in runs.values())
+    assert all("fmlab: net MLP" in (sweep_dir / f"{name}.log").read_text() for name in ("fm", "icfm"))
+    assert "| fm_ot | " in result.stdout and "| icfm | " in result.stdout
+    again = run_cli("fmlab.table", *args, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("not running it again") == 2
+    assert len(collect_metrics(sweep_dir)) == 2
+
+
+def test_workers_must_be_a_positive_count(tmp_path: Path) -> None:
+    result = run_cli("fmlab.table", f"sweep_dir={tmp_path}", "workers=0", cwd=tmp_path)
+    assert result.returncode == 2 and "workers=0 is not valid" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

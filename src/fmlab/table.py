@@ -1,6 +1,7 @@
-"""Tables entry point: `python -m fmlab.table table=NAME [sweep_dir=DIR] [run=false]`.
+"""Tables entry point: `python -m fmlab.table table=NAME [sweep_dir=DIR] [run=false] [workers=N]`.
 
-Runs the Hydra multiruns a table names (skipping those already in `sweep_dir`), reads every metrics.json below
+Runs the Hydra multiruns a table names (skipping those already in `sweep_dir`; with `workers=N`, N of them at
+once, the CPU threads split between them), reads every metrics.json below
 `sweep_dir`, and renders mean ± std over seeds as Markdown (stdout and `<sweep_dir>/<name>.md`) and CSV. A cell
 with no runs shows as "not run", never as a number.
 """
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +156,10 @@ def expected_jobs(args: list[str]) -> int:
     return len(sweep_jobs(args))
 
 
-def run_sweeps(table: DictConfig, sweep_dir: Path) -> None:
-    """One `fmlab.train -m` per named sweep, each into `<sweep_dir>/<sweep name>`; complete ones are skipped,
+def pending_sweeps(table: DictConfig, sweep_dir: Path) -> list[tuple[str, list[str]]]:
+    """(name, multirun overrides) of every sweep of `table` whose runs are not all in `<sweep_dir>/<name>`;
     an incomplete one (a crash, a kill) runs again whole."""
+    pending = []
     for name, overrides in table.sweeps.items():
         target = sweep_dir / name
         args = [*table.common, *overrides]
@@ -167,17 +171,49 @@ def run_sweeps(table: DictConfig, sweep_dir: Path) -> None:
             print(f"fmlab.table: {target} has {done} of {expected} runs; running the sweep again", flush=True)
         args.append(f"hydra.sweep.dir={target}")
         check_group_choices(args)
+        pending.append((name, args))
+    return pending
+
+
+def threads_per_worker(workers: int, cpus: int | None = None) -> int:
+    """CPU threads each of `workers` concurrent sweeps gets: small nets run faster as several one-thread
+    processes than as one process with many threads."""
+    return max(1, (cpus or os.cpu_count() or 1) // workers)
+
+
+def run_sweeps(table: DictConfig, sweep_dir: Path, workers: int = 1) -> None:
+    """One `fmlab.train -m` per pending sweep, `workers` at a time. With more than one worker each sweep's
+    output goes to `<sweep_dir>/<name>.log` and each gets `threads_per_worker` CPU threads."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise UserError(f"workers={workers} is not valid; choose a whole number of concurrent sweeps, 1 or more")
+    pending = pending_sweeps(table, sweep_dir)
+    threads = threads_per_worker(workers)
+    env = os.environ if workers == 1 else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+
+    def run_one(name: str, args: list[str]) -> int:
+        command = [sys.executable, "-m", "fmlab.train", "-m", *args]
         print(f"fmlab.table: python -m fmlab.train -m {' '.join(args)}", flush=True)
-        result = subprocess.run([sys.executable, "-m", "fmlab.train", "-m", *args])
-        if result.returncode != 0:
-            raise UserError(f"sweep {name} failed (exit {result.returncode}); its runs so far stay in {target}")
+        if workers == 1:
+            return subprocess.run(command, env=env).returncode
+        log = sweep_dir / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as stream:
+            code = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
+        print(f"fmlab.table: sweep {name} ended with exit {code} ({threads} threads; output in {log})", flush=True)
+        return code
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        codes = list(pool.map(lambda job: run_one(*job), pending))
+    failed = [f"{name} (exit {code})" for (name, _), code in zip(pending, codes, strict=True) if code != 0]
+    if failed:
+        raise UserError(f"sweeps failed: {', '.join(failed)}; their runs so far stay in {sweep_dir}")
 
 
 @exit_on_user_error
 def make_table(cfg: DictConfig) -> str:
     sweep_dir = Path(cfg.sweep_dir)
     if cfg.run:
-        run_sweeps(cfg.table, sweep_dir)
+        run_sweeps(cfg.table, sweep_dir, cfg.workers)
     records = collect_metrics(sweep_dir)
     if not records:
         raise UserError(

@@ -97,7 +97,6 @@ def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbac
         "source": cfg.data.get("source", "gaussian"),
         "seed": cfg.seed,
         "steps": trainer.global_step,
-        "num_params": sum(p.numel() for p in module.net.parameters()),
         "config_digest": config_digest(cfg),
         "path": repr(module.path),
         "objective": repr(module.objective),
@@ -105,6 +104,7 @@ def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbac
         "net_parameters": sum(p.numel() for p in module.net.parameters()),
         "fmlab_version": __version__,
         "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),  # train_seconds depends on it
     }
     loss = trainer.callback_metrics.get("train/loss")
     if loss is not None:
