@@ -1,7 +1,9 @@
 """`make bench`: fmlab's costs as ratios to bare loops doing the same work, measured side by side in one run.
 
-Each row alternates the two sides for several rounds and reports the ratio of their best times (as `timeit`
-does: on a shared machine the fastest round is the least disturbed one), with every round's own ratio beside it.
+Each row interleaves the two sides in short chunks inside one process (training: the bare loop runs `chunk` steps
+after every `chunk` steps of fmlab's loop, from a callback, and its time is left out of fmlab's), so the machine's
+drift in speed hits both sides of a pair alike. It reports total time over total time, with the quartiles of the
+per-pair ratios beside it.
 Rows:
 - train step: `python -m fmlab.train`'s training loop (Lightning, FlowModule, the default per-step callbacks and
   CSV logging) against a hand-written PyTorch loop with the same net, data stream, optimiser, LR schedule and EMA.
@@ -32,25 +34,94 @@ from fmlab.distributed import Ranks
 from fmlab.utils.config import compose_train_config, instantiate_each
 
 
-class StepClock(L.Callback):
-    """Seconds per training step after `warmup` steps."""
+class BareLoop:
+    """fmlab's training step written as a plain PyTorch loop: the same net, data stream, optimiser, LR schedule,
+    coupling and EMA decay as the run `overrides` configure, with no Lightning, callbacks or logging."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.started, self.steps = warmup, 0.0, 0
+    def __init__(self, overrides: list[str]) -> None:
+        with TemporaryDirectory() as tmp:
+            cfg = compose_train_config(overrides, Path(tmp))
+        torch.manual_seed(cfg.seed)
+        self.datamodule = instantiate(cfg.data)
+        self.net = instantiate(cfg.net)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.coupling = instantiate(cfg.coupling)
+        self.schedule = instantiate(cfg.schedule)
+        self.smoothing = float(cfg.path.smoothing_sigma) if cfg.path.smoothing == "constant" else 0.0
+        self.optimizer = instantiate(cfg.optimizer)(params=self.net.parameters())
+        self.scheduler = instantiate(cfg.scheduler)(optimizer=self.optimizer) if cfg.get("scheduler") else None
+        self.decay = float(cfg.callbacks.ema.decay)
+        self.batches = iter(self.datamodule.train_dataloader())
+        self.steps_done = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.warmup:
-            self.started = time.perf_counter()
+    def run(self, steps: int) -> float:
+        """Seconds taken by `steps` training steps."""
+        started = time.perf_counter()
+        for _ in range(steps):
+            try:
+                x0, x1 = next(self.batches)
+            except StopIteration:
+                self.batches = iter(self.datamodule.train_dataloader())
+                x0, x1 = next(self.batches)
+            x0, x1 = self.coupling(x0, x1)
+            t = torch.rand(x1.shape[0]).view(-1, *[1] * (x1.dim() - 1))
+            x_t = self.schedule.alpha(t) * x1 + self.schedule.sigma(t) * x0
+            u_t = self.schedule.d_alpha(t) * x1 + self.schedule.d_sigma(t) * x0
+            if self.smoothing:
+                x_t = x_t + self.smoothing * torch.randn_like(x1)
+            loss = (self.net(t.reshape(-1), x_t) - u_t).pow(2).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - self.decay)
+        self.steps_done += steps
+        return time.perf_counter() - started
 
-    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
-        self.steps = trainer.global_step - self.warmup
-        self.seconds_per_step = (time.perf_counter() - self.started) / self.steps
+
+class InterleavedBareLoop(L.Callback):
+    """Runs the bare loop inside fmlab's run, `chunk` steps after every `chunk` steps of fmlab's loop, and times
+    both: each pair of chunks sees the same machine state, so drift in the machine's speed cancels in their ratio.
+    The time spent in the bare chunk is left out of fmlab's chunk."""
+
+    def __init__(self, bare: BareLoop, chunk: int, warmup: int) -> None:
+        self.bare, self.chunk, self.warmup = bare, chunk, warmup
+        self.ours: list[float] = []
+        self.bare_seconds: list[float] = []
+        self.mark: float | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        step = trainer.global_step
+        if step < self.warmup or step % self.chunk:
+            return
+        if self.mark is None:
+            self.bare.run(self.warmup)  # the bare loop's own warm-up, untimed
+        else:
+            self.ours.append(time.perf_counter() - self.mark)
+            self.bare_seconds.append(self.bare.run(self.chunk))
+        self.mark = time.perf_counter()
 
 
-def fmlab_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
-    """Per-step seconds of fmlab's training loop as `python -m fmlab.train` runs it, minus end-of-fit evaluation."""
+def paired_row(name: str, ours: list[float], bare: list[float], per: int) -> dict[str, Any]:
+    """Total-time ratio of paired measurements, with the quartiles of the per-pair ratios as their spread."""
+    quartiles = statistics.quantiles([o / b for o, b in zip(ours, bare, strict=True)], n=4)
+    return {
+        "name": name,
+        "fmlab_ms": 1e3 * sum(ours) / (per * len(ours)),
+        "bare_ms": 1e3 * sum(bare) / (per * len(bare)),
+        "ratio": sum(ours) / sum(bare),
+        "spread": f"{quartiles[0]:.2f}–{quartiles[2]:.2f} over {len(ours)} pairs",
+    }
+
+
+def compare(name: str, overrides: list[str], steps: int, warmup: int, chunk: int) -> dict[str, Any]:
+    """fmlab's training loop as `python -m fmlab.train` runs it (minus the end-of-fit evaluation) against the bare
+    loop, interleaved chunk by chunk in one process."""
     from fmlab.train import build_callbacks, build_module
 
+    bare = BareLoop(overrides)
     with TemporaryDirectory() as tmp:
         cfg = compose_train_config(
             [
@@ -63,73 +134,21 @@ def fmlab_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
             Path(tmp),
         )
         L.seed_everything(cfg.seed, verbose=False)
-        clock = StepClock(warmup)
-        callbacks = [*build_callbacks(cfg), clock]
-        loggers = instantiate_each(cfg.logger)
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_progress_bar=True)
+        interleaved = InterleavedBareLoop(bare, chunk, warmup)
+        trainer = instantiate(
+            cfg.trainer,
+            callbacks=[*build_callbacks(cfg), interleaved],
+            logger=instantiate_each(cfg.logger),
+            enable_progress_bar=True,
+        )
         trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data))
-    return clock.seconds_per_step
+    row = paired_row(name, interleaved.ours, interleaved.bare_seconds, chunk)
+    row["bare_steps"], row["fmlab_steps"] = bare.steps_done, trainer.global_step
+    return row
 
 
-def bare_step_seconds(overrides: list[str], steps: int, warmup: int) -> float:
-    """The same work in a plain PyTorch loop: same net, data stream, optimiser, schedule, coupling and EMA decay."""
-    with TemporaryDirectory() as tmp:
-        cfg = compose_train_config(overrides, Path(tmp))
-    torch.manual_seed(cfg.seed)
-    datamodule = instantiate(cfg.data)
-    net = instantiate(cfg.net)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    coupling = instantiate(cfg.coupling)
-    schedule = instantiate(cfg.schedule)
-    smoothing = float(cfg.path.smoothing_sigma) if cfg.path.smoothing == "constant" else 0.0
-    optimizer = instantiate(cfg.optimizer)(params=net.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.get("scheduler") else None
-    decay = float(cfg.callbacks.ema.decay)
-    batches = iter(datamodule.train_dataloader())
-    started = 0.0
-    for step in range(steps):
-        if step == warmup:
-            started = time.perf_counter()
-        try:
-            x0, x1 = next(batches)
-        except StopIteration:
-            batches = iter(datamodule.train_dataloader())
-            x0, x1 = next(batches)
-        x0, x1 = coupling(x0, x1)
-        t = torch.rand(x1.shape[0]).view(-1, *[1] * (x1.dim() - 1))
-        x_t = schedule.alpha(t) * x1 + schedule.sigma(t) * x0
-        u_t = schedule.d_alpha(t) * x1 + schedule.d_sigma(t) * x0
-        if smoothing:
-            x_t = x_t + smoothing * torch.randn_like(x1)
-        loss = (net(t.reshape(-1), x_t) - u_t).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
-    return (time.perf_counter() - started) / (steps - warmup)
-
-
-def compare(name: str, overrides: list[str], steps: int, warmup: int, rounds: int) -> dict[str, Any]:
-    ours, bare = [], []
-    for _ in range(rounds):
-        bare.append(bare_step_seconds(overrides, steps, warmup))
-        ours.append(fmlab_step_seconds(overrides, steps, warmup))
-    ratios = [o / b for o, b in zip(ours, bare, strict=True)]
-    return {
-        "name": name,
-        "fmlab_ms": 1e3 * min(ours),
-        "bare_ms": 1e3 * min(bare),
-        "ratio": min(ours) / min(bare),
-        "median_ratio": statistics.median(ratios),
-        "ratios": ratios,
-    }
-
-
-def sampler_seconds(num_samples: int, repeats: int) -> tuple[float, float, int]:
-    """Best-of-`repeats` seconds of one dopri5 (1e-5) generation of `num_samples` 2D points: fmlab, bare, NFE."""
+def sampler_row(num_samples: int, repeats: int) -> dict[str, Any]:
+    """One dopri5 (1e-5) generation of `num_samples` 2D points by fmlab and by bare torchdiffeq, alternated."""
     from torchdiffeq import odeint
 
     from fmlab.sampling import VelocityField, sample
@@ -154,7 +173,7 @@ def sampler_seconds(num_samples: int, repeats: int) -> tuple[float, float, int]:
             started = time.perf_counter()
             odeint(bare_field, x0, torch.tensor([0.0, 1.0]), method="dopri5", atol=solver.atol, rtol=solver.rtol)
             bare.append(time.perf_counter() - started)
-    return min(ours), min(bare), result.nfe
+    return paired_row(f"sampler, dopri5 1e-5, {num_samples} points ({result.nfe} NFE)", ours, bare, 1)
 
 
 def evaluation_throughput(data: str, num_samples: int, nll_samples: int) -> dict[str, float]:
@@ -186,41 +205,30 @@ def evaluation_throughput(data: str, num_samples: int, nll_samples: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1000, help="training steps per measurement")
-    parser.add_argument("--warmup", type=int, default=200, help="steps left out of each measurement")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per row")
+    parser.add_argument("--steps", type=int, default=6000, help="training steps per 2D row (U-Net: 1/20)")
+    parser.add_argument("--warmup", type=int, default=200, help="steps before the first timed chunk")
+    parser.add_argument("--chunk", type=int, default=100, help="steps per timed chunk of each side (U-Net: 1/20)")
     args = parser.parse_args()
+    small = max(args.chunk // 20, 1)
     rows = [
-        compare("train step, FM-OT 2D MLP (default job)", [], args.steps, args.warmup, args.rounds),
+        compare("train step, FM-OT 2D MLP (default job)", [], args.steps, args.warmup, args.chunk),
         compare(
-            "train step, OT-CFM 2D MLP (exact minibatch OT)", ["method=otcfm"], args.steps, args.warmup, args.rounds
+            "train step, OT-CFM 2D MLP (exact minibatch OT)", ["method=otcfm"], args.steps // 3, args.warmup, small * 5
         ),
-    ]
-    unet_steps, unet_warmup = max(args.steps // 20, 10), max(args.warmup // 20, 3)
-    rows.append(
         compare(
             "train step, FM-OT digits unet_small",
             ["data=digits", "net=unet_small"],
-            unet_steps,
-            unet_warmup,
-            args.rounds,
-        )
-    )
-    ours, bare, nfe = sampler_seconds(num_samples=2000, repeats=10 * args.rounds)
-    rows.append(
-        {
-            "name": f"sampler, dopri5 1e-5, 2000 points ({nfe} NFE)",
-            "fmlab_ms": 1e3 * ours,
-            "bare_ms": 1e3 * bare,
-            "ratio": ours / bare,
-            "ratios": [],
-        }
-    )
+            args.steps // 20,
+            max(args.warmup // 20, small),
+            small,
+        ),
+        sampler_row(num_samples=2000, repeats=40),
+    ]
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    print(f"{'measurement (best of each side)':52s} {'fmlab ms':>9s} {'bare ms':>8s} {'ratio':>6s}  per-round ratios")
+    header = f"{'measurement (mean of paired runs)':52s} {'fmlab ms':>9s} {'bare ms':>8s} {'ratio':>6s}"
+    print(f"{header}  quartiles of the pairs' ratios")
     for row in rows:
-        rounds = " ".join(f"{r:.2f}" for r in row["ratios"])
-        print(f"{row['name']:52s} {row['fmlab_ms']:9.3f} {row['bare_ms']:8.3f} {row['ratio']:6.2f}  {rounds}")
+        print(f"{row['name']:52s} {row['fmlab_ms']:9.3f} {row['bare_ms']:8.3f} {row['ratio']:6.2f}  {row['spread']}")
     print(f"\n{'evaluation throughput (untrained net, dopri5 1e-5)':52s} {'samples/s':>9s} {'NLL pts/s':>10s}")
     for data, samples, nll_points in (("moons", 2000, 250), ("digits", 2000, 100)):
         rate = evaluation_throughput(data, samples, nll_points)

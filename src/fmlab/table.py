@@ -190,16 +190,20 @@ def run_sweeps(table: DictConfig, sweep_dir: Path, workers: int = 1) -> None:
     threads = threads_per_worker(workers)
     env = os.environ if workers == 1 else {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
+    def say(line: str) -> None:
+        sys.stdout.write(f"fmlab.table: {line}\n")  # one write per line: concurrent sweeps don't splice lines
+        sys.stdout.flush()
+
     def run_one(name: str, args: list[str]) -> int:
         command = [sys.executable, "-m", "fmlab.train", "-m", *args]
-        print(f"fmlab.table: python -m fmlab.train -m {' '.join(args)}", flush=True)
+        say(f"python -m fmlab.train -m {' '.join(args)}")
         if workers == 1:
             return subprocess.run(command, env=env).returncode
         log = sweep_dir / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as stream:
             code = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
-        print(f"fmlab.table: sweep {name} ended with exit {code} ({threads} threads; output in {log})", flush=True)
+        say(f"sweep {name} ended with exit {code} ({threads} threads per process; output in {log})")
         return code
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
