@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -133,27 +134,46 @@ def test_every_table_sweep_runs_into_its_own_cells_and_covers_every_published_nu
     assert covered == {(r, c) for r in table.row_order for c in table.column_order} - empty
 
 
-def test_concurrent_sweeps_run_every_job_with_split_threads_and_skip_finished_ones(tmp_path: Path) -> None:
+def test_concurrent_sweeps_run_every_job_with_split_threads_and_a_rerun_adds_only_missing_jobs(
+    tmp_path: Path,
+) -> None:
     sweep_dir = tmp_path / "sweep"
     tiny = ["logger=none", "trainer.max_steps=20", "eval.num_samples=64", "eval.num_draws=1", "eval.nll_samples=0"]
-    args = [
-        "table=methods2d",
-        f"sweep_dir={sweep_dir}",
-        "workers=2",
-        "table.common=[" + ",".join(f"'{o}'" for o in tiny) + "]",  # quoted: list items that hold '='
-        "~table.sweeps",
-        "+table.sweeps={fm:['method=fm_ot'],icfm:['method=icfm']}",
-    ]
-    result = run_cli("fmlab.table", *args, cwd=tmp_path)
+    quoted = ",".join(f"'{o}'" for o in tiny)  # list items holding '=' are quoted
+
+    def table(seeds: str) -> subprocess.CompletedProcess:
+        return run_cli(
+            "fmlab.table",
+            "table=methods2d",
+            f"sweep_dir={sweep_dir}",
+            "workers=2",
+            f"table.common=[{quoted},'seed={seeds}']",
+            "~table.sweeps",
+            "+table.sweeps={fm:['method=fm_ot'],icfm:['method=icfm']}",
+            cwd=tmp_path,
+        )
+
+    result = table("0")
     assert result.returncode == 0, result.stderr[-2000:]
     runs = {r["method"]: r for r in collect_metrics(sweep_dir)}
     assert set(runs) == {"fm_ot", "icfm"} and all(r["steps"] == 20 for r in runs.values())
     assert all(r["torch_threads"] == threads_per_worker(2) for r in runs.values())
     assert all("fmlab: net MLP" in (sweep_dir / f"{name}.log").read_text() for name in ("fm", "icfm"))
     assert "| fm_ot | " in result.stdout and "| icfm | " in result.stdout
-    again = run_cli("fmlab.table", *args, cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.count("not running it again") == 2
-    assert len(collect_metrics(sweep_dir)) == 2
+    first = (sweep_dir / "fm" / "0_fm_ot_moons_seed0" / "metrics.json").stat().st_mtime_ns
+
+    again = table("0,1")  # seed 1 is new: only its jobs run, into the dirs the whole multirun would name
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("has 1 of 2 runs; running the other 1") == 2
+    assert sorted(p.name for p in (sweep_dir / "fm").glob("*/")) == ["0_fm_ot_moons_seed0", "1_fm_ot_moons_seed1"]
+    assert (sweep_dir / "fm" / "0_fm_ot_moons_seed0" / "metrics.json").stat().st_mtime_ns == first
+    assert sorted((r["method"], r["seed"]) for r in collect_metrics(sweep_dir)) == [
+        ("fm_ot", 0),
+        ("fm_ot", 1),
+        ("icfm", 0),
+        ("icfm", 1),
+    ]
+    assert table("0,1").stdout.count("not running it again") == 2
 
 
 def test_workers_must_be_a_positive_count(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """Tables entry point: `python -m fmlab.table table=NAME [sweep_dir=DIR] [run=false] [workers=N]`.
 
-Runs the Hydra multiruns a table names (skipping those already in `sweep_dir`; with `workers=N`, N of them at
-once, the CPU threads split between them), reads every metrics.json below
-`sweep_dir`, and renders mean ± std over seeds as Markdown (stdout and `<sweep_dir>/<name>.md`) and CSV. A cell
+Runs the Hydra multiruns a table names (only the jobs whose runs are not already in `sweep_dir`; with
+`workers=N`, N sweeps at once, the CPU threads split between them), reads every metrics.json below `sweep_dir`, and
+renders mean ± std over seeds as Markdown (stdout and `<sweep_dir>/<name>.md`) and CSV. A cell
 with no runs shows as "not run", never as a number.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
@@ -151,27 +152,48 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
     return jobs
 
 
-def expected_jobs(args: list[str]) -> int:
-    """How many jobs a multirun over `args` launches."""
-    return len(sweep_jobs(args))
+def finished_jobs(target: Path) -> set[frozenset[str]]:
+    """The override sets (from `.hydra/overrides.yaml`) of the runs below `target` that wrote metrics.json."""
+    done = set()
+    for metrics_file in target.rglob(METRICS_FILE) if target.is_dir() else []:
+        overrides_file = metrics_file.parent / ".hydra" / "overrides.yaml"
+        if overrides_file.is_file():
+            done.add(frozenset(str(o) for o in OmegaConf.load(overrides_file)))
+    return done
 
 
-def pending_sweeps(table: DictConfig, sweep_dir: Path) -> list[tuple[str, list[str]]]:
-    """(name, multirun overrides) of every sweep of `table` whose runs are not all in `<sweep_dir>/<name>`;
-    an incomplete one (a crash, a kill) runs again whole."""
+def job_subdir(index: int) -> str:
+    """The run dir name Hydra gives job `index` of a multirun (conf/hydra/default.yaml's sweep.subdir)."""
+    pattern = yaml.safe_load((CONFIG_DIR / "hydra" / "default.yaml").read_text())["sweep"]["subdir"]
+    return pattern.replace("${hydra.job.num}", str(index))
+
+
+def pending_sweeps(table: DictConfig, sweep_dir: Path) -> list[tuple[str, list[list[str]]]]:
+    """(name, launches) for every sweep of `table` with runs missing from `<sweep_dir>/<name>`. A sweep with no
+    finished run is one multirun; a partly finished one (a kill, a crash, fewer seeds before) launches only its
+    missing jobs, one by one, into the run dirs the whole multirun would have given them."""
     pending = []
     for name, overrides in table.sweeps.items():
         target = sweep_dir / name
         args = [*table.common, *overrides]
-        done, expected = len(list(target.rglob(METRICS_FILE))) if target.is_dir() else 0, expected_jobs(args)
-        if done >= expected:
-            print(f"fmlab.table: {target} has all {expected} runs; not running it again", flush=True)
-            continue
-        if done:
-            print(f"fmlab.table: {target} has {done} of {expected} runs; running the sweep again", flush=True)
-        args.append(f"hydra.sweep.dir={target}")
         check_group_choices(args)
-        pending.append((name, args))
+        jobs, done = sweep_jobs(args), finished_jobs(target)
+        missing = [(index, job) for index, job in enumerate(jobs) if frozenset(job) not in done]
+        if not missing:
+            print(f"fmlab.table: {target} has all {len(jobs)} runs; not running it again", flush=True)
+            continue
+        if len(missing) == len(jobs):
+            pending.append((name, [[*args, f"hydra.sweep.dir={target}"]]))
+            continue
+        print(
+            f"fmlab.table: {target} has {len(jobs) - len(missing)} of {len(jobs)} runs; running the other "
+            f"{len(missing)}",
+            flush=True,
+        )
+        launches = [
+            [*job, f"hydra.sweep.dir={target}", f"hydra.sweep.subdir='{job_subdir(index)}'"] for index, job in missing
+        ]
+        pending.append((name, launches))
     return pending
 
 
@@ -182,8 +204,8 @@ def threads_per_worker(workers: int, cpus: int | None = None) -> int:
 
 
 def run_sweeps(table: DictConfig, sweep_dir: Path, workers: int = 1) -> None:
-    """One `fmlab.train -m` per pending sweep, `workers` at a time. With more than one worker each sweep's
-    output goes to `<sweep_dir>/<name>.log` and each gets `threads_per_worker` CPU threads."""
+    """The launches of every pending sweep (`pending_sweeps`), `workers` sweeps at a time. With more than one
+    worker each sweep's output goes to `<sweep_dir>/<name>.log` and each gets `threads_per_worker` CPU threads."""
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise UserError(f"workers={workers} is not valid; choose a whole number of concurrent sweeps, 1 or more")
     pending = pending_sweeps(table, sweep_dir)
@@ -194,17 +216,22 @@ def run_sweeps(table: DictConfig, sweep_dir: Path, workers: int = 1) -> None:
         sys.stdout.write(f"fmlab.table: {line}\n")  # one write per line: concurrent sweeps don't splice lines
         sys.stdout.flush()
 
-    def run_one(name: str, args: list[str]) -> int:
-        command = [sys.executable, "-m", "fmlab.train", "-m", *args]
-        say(f"python -m fmlab.train -m {' '.join(args)}")
-        if workers == 1:
-            return subprocess.run(command, env=env).returncode
+    def run_one(name: str, launches: list[list[str]]) -> int:
         log = sweep_dir / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as stream:
-            code = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
-        say(f"sweep {name} ended with exit {code} ({threads} threads per process; output in {log})")
-        return code
+        for args in launches:
+            command = [sys.executable, "-m", "fmlab.train", "-m", *args]
+            say(f"python -m fmlab.train -m {' '.join(args)}")
+            if workers == 1:
+                code = subprocess.run(command, env=env).returncode
+            else:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with log.open("a") as stream:
+                    code = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
+            if code != 0:
+                return code
+        if workers > 1:
+            say(f"sweep {name} ended ({threads} threads per process; output in {log})")
+        return 0
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         codes = list(pool.map(lambda job: run_one(*job), pending))
