@@ -158,7 +158,7 @@ def test_concurrent_sweeps_run_every_job_with_split_threads_and_a_rerun_adds_onl
     runs = {r["method"]: r for r in collect_metrics(sweep_dir)}
     assert set(runs) == {"fm_ot", "icfm"} and all(r["steps"] == 20 for r in runs.values())
     assert all(r["torch_threads"] == threads_per_worker(2) for r in runs.values())
-    assert all("fmlab: net MLP" in (sweep_dir / f"{name}.log").read_text() for name in ("fm", "icfm"))
+    assert all("fmlab: net MLP" in (sweep_dir / "logs" / f"{name}_0.log").read_text() for name in ("fm", "icfm"))
     assert "| fm_ot | " in result.stdout and "| icfm | " in result.stdout
     first = (sweep_dir / "fm" / "0_fm_ot_moons_seed0" / "metrics.json").stat().st_mtime_ns
 

@@ -1,7 +1,7 @@
 """Tables entry point: `python -m fmlab.table table=NAME [sweep_dir=DIR] [run=false] [workers=N]`.
 
 Runs the Hydra multiruns a table names (only the jobs whose runs are not already in `sweep_dir`; with
-`workers=N`, N sweeps at once, the CPU threads split between them), reads every metrics.json below `sweep_dir`, and
+`workers=N`, N jobs at once, the CPU threads split between them), reads every metrics.json below `sweep_dir`, and
 renders mean ± std over seeds as Markdown (stdout and `<sweep_dir>/<name>.md`) and CSV. A cell
 with no runs shows as "not run", never as a number.
 """
@@ -17,6 +17,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +169,19 @@ def job_subdir(index: int) -> str:
     return pattern.replace("${hydra.job.num}", str(index))
 
 
-def pending_sweeps(table: DictConfig, sweep_dir: Path) -> list[tuple[str, list[list[str]]]]:
-    """(name, launches) for every sweep of `table` with runs missing from `<sweep_dir>/<name>`. A sweep with no
-    finished run is one multirun; a partly finished one (a kill, a crash, fewer seeds before) launches only its
-    missing jobs, one by one, into the run dirs the whole multirun would have given them."""
-    pending = []
+@dataclass(frozen=True)
+class Launch:
+    """One `python -m fmlab.train -m ARGS`: a whole sweep, or one job of it (`label` names it in logs)."""
+
+    label: str
+    args: list[str]
+
+
+def pending_launches(table: DictConfig, sweep_dir: Path, whole_sweeps: bool = True) -> list[Launch]:
+    """The launches that fill in `table`'s runs missing from `<sweep_dir>/<sweep name>`. A sweep with no finished
+    run is one multirun when `whole_sweeps`; otherwise, and for a partly finished sweep (a kill, a crash, fewer
+    seeds before), each missing job is its own launch, into the run dir the whole multirun would have given it."""
+    launches = []
     for name, overrides in table.sweeps.items():
         target = sweep_dir / name
         args = [*table.common, *overrides]
@@ -182,62 +191,59 @@ def pending_sweeps(table: DictConfig, sweep_dir: Path) -> list[tuple[str, list[l
         if not missing:
             print(f"fmlab.table: {target} has all {len(jobs)} runs; not running it again", flush=True)
             continue
-        if len(missing) == len(jobs):
-            pending.append((name, [[*args, f"hydra.sweep.dir={target}"]]))
+        if len(missing) == len(jobs) and whole_sweeps:
+            launches.append(Launch(name, [*args, f"hydra.sweep.dir={target}"]))
             continue
-        print(
-            f"fmlab.table: {target} has {len(jobs) - len(missing)} of {len(jobs)} runs; running the other "
-            f"{len(missing)}",
-            flush=True,
-        )
-        launches = [
-            [*job, f"hydra.sweep.dir={target}", f"hydra.sweep.subdir='{job_subdir(index)}'"] for index, job in missing
+        if len(missing) < len(jobs):
+            print(
+                f"fmlab.table: {target} has {len(jobs) - len(missing)} of {len(jobs)} runs; running the other "
+                f"{len(missing)}",
+                flush=True,
+            )
+        launches += [
+            Launch(f"{name}_{index}", [*job, f"hydra.sweep.dir={target}", f"hydra.sweep.subdir='{job_subdir(index)}'"])
+            for index, job in missing
         ]
-        pending.append((name, launches))
-    return pending
+    return launches
 
 
 def threads_per_worker(workers: int, cpus: int | None = None) -> int:
-    """CPU threads each of `workers` concurrent sweeps gets: small nets run faster as several one-thread
+    """CPU threads each of `workers` concurrent runs gets: small nets run faster as several one-thread
     processes than as one process with many threads."""
     return max(1, (cpus or os.cpu_count() or 1) // workers)
 
 
 def run_sweeps(table: DictConfig, sweep_dir: Path, workers: int = 1) -> None:
-    """The launches of every pending sweep (`pending_sweeps`), `workers` sweeps at a time. With more than one
-    worker each sweep's output goes to `<sweep_dir>/<name>.log` and each gets `threads_per_worker` CPU threads."""
+    """Run every pending launch. One worker: whole sweeps, in order, output on this terminal. More: every job on
+    its own, `workers` at a time from one queue (a long sweep doesn't leave a worker idle), each with
+    `threads_per_worker` CPU threads and its output in `<sweep_dir>/logs/<sweep>_<job>.log`."""
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise UserError(f"workers={workers} is not valid; choose a whole number of concurrent sweeps, 1 or more")
-    pending = pending_sweeps(table, sweep_dir)
+        raise UserError(f"workers={workers} is not valid; choose a whole number of concurrent runs, 1 or more")
+    launches = pending_launches(table, sweep_dir, whole_sweeps=workers == 1)
     threads = threads_per_worker(workers)
     env = os.environ if workers == 1 else {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
     def say(line: str) -> None:
-        sys.stdout.write(f"fmlab.table: {line}\n")  # one write per line: concurrent sweeps don't splice lines
+        sys.stdout.write(f"fmlab.table: {line}\n")  # one write per line: concurrent runs don't splice lines
         sys.stdout.flush()
 
-    def run_one(name: str, launches: list[list[str]]) -> int:
-        log = sweep_dir / f"{name}.log"
-        for args in launches:
-            command = [sys.executable, "-m", "fmlab.train", "-m", *args]
-            say(f"python -m fmlab.train -m {' '.join(args)}")
-            if workers == 1:
-                code = subprocess.run(command, env=env).returncode
-            else:
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with log.open("a") as stream:
-                    code = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
-            if code != 0:
-                return code
-        if workers > 1:
-            say(f"sweep {name} ended ({threads} threads per process; output in {log})")
-        return 0
+    def run_one(launch: Launch) -> int:
+        command = [sys.executable, "-m", "fmlab.train", "-m", *launch.args]
+        say(f"python -m fmlab.train -m {' '.join(launch.args)}")
+        if workers == 1:
+            return subprocess.run(command, env=env).returncode
+        log = sweep_dir / "logs" / f"{launch.label}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as stream:
+            code = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
+        say(f"{launch.label} ended with exit {code} ({threads} threads; output in {log})")
+        return code
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        codes = list(pool.map(lambda job: run_one(*job), pending))
-    failed = [f"{name} (exit {code})" for (name, _), code in zip(pending, codes, strict=True) if code != 0]
+        codes = list(pool.map(run_one, launches))
+    failed = [f"{launch.label} (exit {code})" for launch, code in zip(launches, codes, strict=True) if code != 0]
     if failed:
-        raise UserError(f"sweeps failed: {', '.join(failed)}; their runs so far stay in {sweep_dir}")
+        raise UserError(f"runs failed: {', '.join(failed)}; the finished ones stay in {sweep_dir}")
 
 
 @exit_on_user_error
