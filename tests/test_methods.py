@@ -11,7 +11,17 @@ from tests.test_train import untrained_w2
 QUICK = ["logger=none", "trainer.max_steps=1000", "data.num_eval_samples=500", "eval.num_draws=1", "eval.nll_samples=0"]
 
 
-@pytest.mark.parametrize("method", ["fm_vp", "ddpm", "score_ve", "scoreflow", "sbcfm"])
+# ScoreFlow and SB-CFM (Sinkhorn every step) are the slowest here; the full-budget test below covers them too
+@pytest.mark.parametrize(
+    "method",
+    [
+        "fm_vp",
+        "ddpm",
+        "score_ve",
+        pytest.param("scoreflow", marks=pytest.mark.slow),
+        pytest.param("sbcfm", marks=pytest.mark.slow),
+    ],
+)
 def test_method_learns_moons_well_below_untrained_w2(method: str, train_config) -> None:
     cfg = train_config(f"method={method}", *QUICK, "callbacks.sample_logger=null")
     metrics = train(cfg)

@@ -79,6 +79,7 @@ def test_grid_multirun_gives_each_job_its_run_dir_w_and_b_run_and_a_summary_row(
     assert groups == {f"sweep-{sweep_dir.name}"}
 
 
+@pytest.mark.slow  # 20 s; test_config composes hparams_search=optuna in the fast suite
 def test_optuna_search_reports_the_best_of_its_trials(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "optuna"
     result = run_cli(
