@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from fmlab.utils.cli import CONFIG_DIR, check_group_choices, run_entry_point
 from fmlab.utils.errors import UserError, exit_on_user_error
 from fmlab.utils.run_files import METRICS_FILE
+from fmlab.utils.sweep_summary import job_overrides
 
 NOT_RUN = "not run"
 
@@ -154,19 +155,14 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
 
 
 def finished_jobs(target: Path) -> set[frozenset[str]]:
-    """The override sets (from `.hydra/overrides.yaml`) of the runs below `target` that wrote metrics.json."""
-    done = set()
-    for metrics_file in target.rglob(METRICS_FILE) if target.is_dir() else []:
-        overrides_file = metrics_file.parent / ".hydra" / "overrides.yaml"
-        if overrides_file.is_file():
-            done.add(frozenset(str(o) for o in OmegaConf.load(overrides_file)))
-    return done
+    """The override sets of the runs below `target` that wrote metrics.json."""
+    runs = target.rglob(METRICS_FILE) if target.is_dir() else []
+    return {frozenset(job_overrides(metrics_file.parent)) for metrics_file in runs}
 
 
-def job_subdir(index: int) -> str:
-    """The run dir name Hydra gives job `index` of a multirun (conf/hydra/default.yaml's sweep.subdir)."""
-    pattern = yaml.safe_load((CONFIG_DIR / "hydra" / "default.yaml").read_text())["sweep"]["subdir"]
-    return pattern.replace("${hydra.job.num}", str(index))
+def job_subdir_pattern() -> str:
+    """conf/hydra/default.yaml's sweep.subdir: the run dir name Hydra gives a multirun's job `${hydra.job.num}`."""
+    return yaml.safe_load((CONFIG_DIR / "hydra" / "default.yaml").read_text())["sweep"]["subdir"]
 
 
 @dataclass(frozen=True)
@@ -181,7 +177,7 @@ def pending_launches(table: DictConfig, sweep_dir: Path, whole_sweeps: bool = Tr
     """The launches that fill in `table`'s runs missing from `<sweep_dir>/<sweep name>`. A sweep with no finished
     run is one multirun when `whole_sweeps`; otherwise, and for a partly finished sweep (a kill, a crash, fewer
     seeds before), each missing job is its own launch, into the run dir the whole multirun would have given it."""
-    launches = []
+    launches, subdir = [], job_subdir_pattern()
     for name, overrides in table.sweeps.items():
         target = sweep_dir / name
         args = [*table.common, *overrides]
@@ -201,7 +197,14 @@ def pending_launches(table: DictConfig, sweep_dir: Path, whole_sweeps: bool = Tr
                 flush=True,
             )
         launches += [
-            Launch(f"{name}_{index}", [*job, f"hydra.sweep.dir={target}", f"hydra.sweep.subdir='{job_subdir(index)}'"])
+            Launch(
+                f"{name}_{index}",
+                [
+                    *job,
+                    f"hydra.sweep.dir={target}",
+                    f"hydra.sweep.subdir='{subdir.replace('${hydra.job.num}', str(index))}'",
+                ],
+            )
             for index, job in missing
         ]
     return launches

@@ -83,6 +83,11 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     ]
 
 
+def net_parameters(net: Any) -> int:
+    """How many numbers the net learns."""
+    return sum(p.numel() for p in net.parameters())
+
+
 def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback]) -> dict[str, Any]:
     """What metrics.json records: the evaluation, the cost of training, and what was run."""
     import torch
@@ -101,7 +106,7 @@ def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbac
         "path": repr(module.path),
         "objective": repr(module.objective),
         "coupling": repr(module.coupling),
-        "net_parameters": sum(p.numel() for p in module.net.parameters()),
+        "net_parameters": net_parameters(module.net),
         "fmlab_version": __version__,
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),  # train_seconds depends on it
@@ -153,8 +158,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"data.source={source} cannot be used with method={cfg.method.name}: its objective "
             f"({module.objective!r}) assumes a N(0, I) source; use data.source=gaussian or a velocity objective"
         )
-    parameters = sum(p.numel() for p in module.net.parameters())
-    print(f"fmlab: net {type(module.net).__name__} with {parameters:,} parameters", flush=True)
+    print(f"fmlab: net {type(module.net).__name__} with {net_parameters(module.net):,} parameters", flush=True)
     callbacks = build_callbacks(cfg)
     continue_wandb_run(cfg)
     loggers = instantiate_each(cfg.get("logger"))

@@ -14,13 +14,18 @@ from fmlab.utils.run_files import METRICS_FILE, read_metrics
 SUMMARY_FILE = "summary.csv"
 
 
+def job_overrides(job_dir: Path) -> list[str]:
+    """The command-line overrides Hydra recorded for the run in `job_dir` (`.hydra/overrides.yaml`)."""
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+
+
 def sweep_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per job dir holding a metrics.json: the job dir, its overrides and every scalar metric."""
     rows = []
     for metrics_file in sorted(Path(sweep_dir).glob(f"*/{METRICS_FILE}")):
         job_dir = metrics_file.parent
-        overrides_file = job_dir / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
+        overrides = job_overrides(job_dir)
         metrics = read_metrics(job_dir)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, str | int | float | bool) or v is None}
         rows.append({"job": job_dir.name, "overrides": " ".join(overrides), **scalars})
