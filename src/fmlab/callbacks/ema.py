@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fmlab.utils.errors import UserError
 
@@ -26,6 +26,8 @@ class EMA(L.Callback):
         self.net: nn.Module | None = None
         self.num_updates = 0
         self._pending_state: dict[str, Any] | None = None
+        self._params: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self._buffers: list[tuple[Tensor, Tensor]] = []
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -39,13 +41,15 @@ class EMA(L.Callback):
             self.net.load_state_dict(self._pending_state)
             self._pending_state = None
         self.net.to(pl_module.device)
+        # the tensors are fixed for the whole fit (loading and moving keep them): list them once, not every step
+        self._params = (list(self.net.parameters()), list(pl_module.net.parameters()))
+        self._buffers = list(zip(self.net.buffers(), pl_module.net.buffers(), strict=True))
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        ema_params = list(self.net.parameters())
-        params = [p.detach() for p in pl_module.net.parameters()]
+        ema_params, params = self._params
         torch._foreach_lerp_(ema_params, params, 1.0 - self.current_decay())
-        for ema_buffer, buffer in zip(self.net.buffers(), pl_module.net.buffers(), strict=True):
+        for ema_buffer, buffer in self._buffers:
             ema_buffer.copy_(buffer)
         self.num_updates += 1
 
