@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fmlab.bench import compare
+import pytest
+
+from fmlab.bench import TimedBatches, compare, scalar_step_seconds
 
 
 def test_training_rows_pair_every_chunk_of_fmlab_with_a_chunk_of_the_bare_loop() -> None:
@@ -12,3 +14,18 @@ def test_training_rows_pair_every_chunk_of_fmlab_with_a_chunk_of_the_bare_loop()
     assert row["fmlab_steps"] == 70 and row["bare_steps"] == 20 + pairs * 10  # warm-up, then one chunk per chunk
     assert row["bare_ms"] > 0 and row["fmlab_ms"] > 0
     assert abs(row["ratio"] - row["fmlab_ms"] / row["bare_ms"]) < 1e-9
+    assert row["callbacks"] == 11  # every callback of the default job (evaluation ones as no-ops) + the pacing one
+
+
+@pytest.mark.parametrize("callbacks", [None, 0, 3])
+def test_empty_step_is_timed_from_the_warm_up_batch_to_the_last_one(callbacks: int | None) -> None:
+    assert scalar_step_seconds(steps=40, warmup=10, callbacks=callbacks) > 0
+
+
+def test_timing_an_unfinished_loop_is_refused() -> None:
+    batches = TimedBatches(steps=10, warmup=2)
+    for index, _ in enumerate(batches):
+        if index == 5:
+            break
+    with pytest.raises(RuntimeError, match="fetched 1 of the 2 timed batches"):
+        batches.seconds_per_step()

@@ -5,12 +5,15 @@ after every `chunk` steps of fmlab's loop, from a callback, and its time is left
 drift in speed hits both sides of a pair alike. It reports total time over total time, with the quartiles of the
 per-pair ratios beside it.
 Rows:
-- train step: `python -m fmlab.train`'s training loop (Lightning, FlowModule, the default per-step callbacks and
+- train step: `python -m fmlab.train`'s training loop (Lightning, FlowModule, every callback of the default job,
   CSV logging) against a hand-written PyTorch loop with the same net, data stream, optimiser, LR schedule and EMA.
 - minibatch OT: the same comparison for `method=otcfm` (exact OT pairing each step on both sides).
 - U-Net: the same comparison for FM-OT on 8×8 digits with `net=unet_small` (1/20 of the steps: each costs more).
 - sampler: `fmlab.sampling.sample` (the Evaluator's path: objective → velocity, NFE count, t-range guard) against
   a bare `torchdiffeq.odeint` call on the same net, source batch, method and tolerance.
+- Lightning's own cost: an empty step (one scalar parameter, SGD) in `Trainer.fit` with no callbacks, with 10
+  no-op callbacks, and in a bare loop: the loop's fixed cost per step and each callback's, and what they predict
+  for the default job's overhead beside the measured one.
 - evaluation throughput: samples/s of generation + W2/MMD (moons) or + FID (digits features), and held-out
   points/s of the PF-ODE likelihood (exact divergence on moons, Hutchinson on digits); absolute rates, no ratio.
 """
@@ -22,6 +25,7 @@ import copy
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -29,6 +33,8 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
 
 from fmlab.distributed import Ranks
 from fmlab.utils.config import compose_train_config, instantiate_each
@@ -117,34 +123,118 @@ def paired_row(name: str, ours: list[float], bare: list[float], per: int) -> dic
 
 
 def compare(name: str, overrides: list[str], steps: int, warmup: int, chunk: int) -> dict[str, Any]:
-    """fmlab's training loop as `python -m fmlab.train` runs it (minus the end-of-fit evaluation) against the bare
-    loop, interleaved chunk by chunk in one process."""
+    """fmlab's training loop as `python -m fmlab.train` runs it against the bare loop, interleaved chunk by chunk in
+    one process. The Evaluator and SampleLogger are swapped for no-op callbacks: Lightning still dispatches every
+    per-step hook to as many callbacks as in a real run, but the end-of-fit evaluation, which is not a step cost,
+    is left out."""
+    from fmlab.callbacks import Evaluator, SampleLogger
     from fmlab.train import build_callbacks, build_module
 
     bare = BareLoop(overrides)
     with TemporaryDirectory() as tmp:
-        cfg = compose_train_config(
-            [
-                *overrides,
-                "logger=csv",
-                f"trainer.max_steps={steps}",
-                "~callbacks.evaluator",
-                "~callbacks.sample_logger",
-            ],
-            Path(tmp),
-        )
+        cfg = compose_train_config([*overrides, "logger=csv", f"trainer.max_steps={steps}"], Path(tmp))
         L.seed_everything(cfg.seed, verbose=False)
         interleaved = InterleavedBareLoop(bare, chunk, warmup)
+        callbacks = [
+            L.Callback() if isinstance(callback, Evaluator | SampleLogger) else callback
+            for callback in build_callbacks(cfg)
+        ]
         trainer = instantiate(
             cfg.trainer,
-            callbacks=[*build_callbacks(cfg), interleaved],
+            callbacks=[*callbacks, interleaved],
             logger=instantiate_each(cfg.logger),
             enable_progress_bar=True,
         )
         trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data))
     row = paired_row(name, interleaved.ours, interleaved.bare_seconds, chunk)
     row["bare_steps"], row["fmlab_steps"] = bare.steps_done, trainer.global_step
+    row["callbacks"] = len(trainer.callbacks)
     return row
+
+
+class TimedBatches(IterableDataset):
+    """`steps` empty batches; notes the clock when batch `warmup` and the last batch are fetched. Lightning fetches
+    one batch ahead, which shifts both marks alike, so their difference times steps warmup..steps-1 with no timing
+    callback of its own."""
+
+    def __init__(self, steps: int, warmup: int) -> None:
+        self.steps, self.warmup = steps, warmup
+        self.marks: list[float] = []
+
+    def __iter__(self) -> Iterator[Tensor]:
+        self.marks = []
+        batch = torch.zeros(1)
+        for index in range(self.steps):
+            if index in (self.warmup, self.steps - 1):
+                self.marks.append(time.perf_counter())
+            yield batch
+
+    def seconds_per_step(self) -> float:
+        if len(self.marks) != 2:
+            raise RuntimeError(f"the loop fetched {len(self.marks)} of the 2 timed batches: it stopped early")
+        return (self.marks[1] - self.marks[0]) / (self.steps - 1 - self.warmup)
+
+
+class ScalarStep(L.LightningModule):
+    """The emptiest training step: loss = p² for one scalar parameter p, plain SGD. Whatever Lightning adds to it
+    is the cost of Lightning's loop itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        return self.p * self.p
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def scalar_step_seconds(steps: int, warmup: int, callbacks: int | None) -> float:
+    """Seconds per empty step: in `Trainer.fit` with `callbacks` no-op callbacks (and no logger, checkpoint or
+    progress bar), or, for `callbacks=None`, in a bare loop with the same loss, optimiser and data."""
+    batches = TimedBatches(steps, warmup)
+    if callbacks is None:
+        p = torch.nn.Parameter(torch.ones(()))
+        optimizer = torch.optim.SGD([p], lr=1e-3)
+        for _batch in DataLoader(batches, batch_size=None):
+            loss = p * p
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    else:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            callbacks=[L.Callback() for _ in range(callbacks)],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(ScalarStep(), DataLoader(batches, batch_size=None))
+    return batches.seconds_per_step()
+
+
+def loop_overhead(steps: int, warmup: int, callbacks: int, repeats: int) -> dict[str, float]:
+    """Lightning's own cost per step, from the empty step: the loop's fixed cost (Trainer.fit with no callbacks over
+    the bare loop) and the cost of each callback (Lightning calls every per-step hook of every callback, overridden
+    or not). The three sides alternate `repeats` times; medians, in milliseconds."""
+    times: dict[str, list[float]] = {"bare": [], "empty": [], "callbacks": []}
+    for _ in range(repeats):
+        times["bare"].append(scalar_step_seconds(steps, warmup, None))
+        times["empty"].append(scalar_step_seconds(steps, warmup, 0))
+        times["callbacks"].append(scalar_step_seconds(steps, warmup, callbacks))
+    bare, empty, with_callbacks = (1e3 * statistics.median(times[key]) for key in ("bare", "empty", "callbacks"))
+    return {
+        "bare_ms": bare,
+        "empty_ms": empty,
+        "callbacks_ms": with_callbacks,
+        "loop_ms": empty - bare,
+        "per_callback_ms": (with_callbacks - empty) / callbacks,
+        "callbacks": callbacks,
+    }
 
 
 def sampler_row(num_samples: int, repeats: int) -> dict[str, Any]:
@@ -229,6 +319,21 @@ def main() -> None:
     print(f"{header}  quartiles of the pairs' ratios")
     for row in rows:
         print(f"{row['name']:52s} {row['fmlab_ms']:9.3f} {row['bare_ms']:8.3f} {row['ratio']:6.2f}  {row['spread']}")
+    overhead = loop_overhead(steps=args.steps // 2, warmup=args.warmup, callbacks=10, repeats=3)
+    default = rows[0]
+    print("\nLightning's own cost per step, from an empty step (one scalar parameter, SGD), median of 3 runs:")
+    print(
+        f"  bare loop {overhead['bare_ms']:.3f} ms; Trainer.fit {overhead['empty_ms']:.3f} ms with no callbacks and "
+        f"{overhead['callbacks_ms']:.3f} ms with {overhead['callbacks']} no-op ones"
+    )
+    print(
+        f"  the loop adds {overhead['loop_ms']:.3f} ms per step and each callback {overhead['per_callback_ms']:.3f} ms"
+    )
+    predicted = overhead["loop_ms"] + overhead["per_callback_ms"] * default["callbacks"]
+    print(
+        f"  default job: {default['callbacks']} callbacks (the bench's pacing one included) predict "
+        f"{predicted:.3f} ms of the {default['fmlab_ms'] - default['bare_ms']:.3f} ms measured above"
+    )
     print(f"\n{'evaluation throughput (untrained net, dopri5 1e-5)':52s} {'samples/s':>9s} {'NLL pts/s':>10s}")
     for data, samples, nll_points in (("moons", 2000, 250), ("digits", 2000, 100)):
         rate = evaluation_throughput(data, samples, nll_points)
