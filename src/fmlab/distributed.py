@@ -40,6 +40,15 @@ class Ranks:
         return self.all_gather(tensor)
 
 
+def end_process_group() -> None:
+    """Wait for every rank, then destroy the process group, before the entry point returns. Left to exit-time
+    clean-up, a rank that leaves while its peer still writes metrics.json can abort that peer after the file is
+    written ("terminate called without an active exception", status 134): 1 two-process evaluation in 6 here."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def chunk_sizes(total: int, chunk_size: int) -> list[int]:
     """Sizes of the fixed chunks `total` items are cut into: [chunk_size, ..., remainder]."""
     if total < 1 or chunk_size < 1:

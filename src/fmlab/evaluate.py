@@ -150,7 +150,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("ckpt_path is required: python -m fmlab.evaluate ckpt_path=<run dir>/checkpoints/last.ckpt")
     import torch
 
-    from fmlab.distributed import Ranks
+    from fmlab.distributed import Ranks, end_process_group
     from fmlab.utils.run_files import write_metrics
 
     started = time.perf_counter()
@@ -180,6 +180,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics["wall_seconds"] = time.perf_counter() - started
     if ranks.rank == 0:
         write_metrics(output_dir, metrics)
+    end_process_group()
     return metrics
 
 

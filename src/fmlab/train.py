@@ -145,6 +145,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
 
+    from fmlab.distributed import end_process_group
     from fmlab.utils.config import instantiate_each
     from fmlab.utils.loggers import finish_wandb, log_final_metrics
     from fmlab.utils.run_files import write_metrics
@@ -175,6 +176,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log_final_metrics(loggers, metrics)
     finally:
         finish_wandb(loggers)
+    end_process_group()
     return metrics
 
 
