@@ -17,8 +17,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fmlab.utils.cli import CONFIG_DIR, run_entry_point
-from fmlab.utils.errors import UserError, exit_on_user_error
-from fmlab.utils.run_files import CHECKPOINT_KEY, load_checkpoint
+from fmlab.utils.errors import UserError, exit_on_user_error, first_detail
+from fmlab.utils.run_files import CHECKPOINT_KEY, load_checkpoint, run_checkpoint
 
 
 def run_config(checkpoint: dict[str, Any], path: str | Path) -> DictConfig:
@@ -47,6 +47,8 @@ def restore(ckpt_path: str | Path, use_ema: bool = True, num_eval_samples: int |
 
     from fmlab.train import build_module
 
+    if Path(ckpt_path).is_dir():  # a run dir: its last checkpoint
+        ckpt_path = run_checkpoint(ckpt_path)
     checkpoint = load_checkpoint(ckpt_path)
     train_cfg = run_config(checkpoint, ckpt_path)
     if num_eval_samples is not None:
@@ -55,8 +57,9 @@ def restore(ckpt_path: str | Path, use_ema: bool = True, num_eval_samples: int |
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise UserError(f"ckpt_path={ckpt_path} does not match the net its config builds: {first}") from None
+        raise UserError(
+            f"ckpt_path={ckpt_path} does not match the net its config builds: {first_detail(error)}"
+        ) from None
     net = module.net
     weights = ema_weights(checkpoint) if use_ema else None
     if weights is not None:
@@ -143,7 +146,6 @@ def make_fabric(trainer_cfg: DictConfig):
     )
 
 
-@exit_on_user_error
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt_path` as `cfg` says; returns the metrics (also in <output_dir>/metrics.json)."""
     if not cfg.get("ckpt_path"):
@@ -157,7 +159,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module, datamodule, net, train_cfg, step = restore(cfg.ckpt_path, cfg.use_ema, cfg.eval.num_samples)
     if cfg.eval.num_samples is None:  # default: as many samples as the run evaluated with
         cfg.eval.num_samples = train_cfg.data.num_eval_samples
-    instantiate_evaluator(cfg)  # a bad eval.* or solver.* value fails here, before any process starts
+    # a bad eval.* or solver.* value, or a solver that does not fit the path, fails here, before any process starts
+    instantiate_evaluator(cfg).solver.check_path(module.path)
     fabric = make_fabric(cfg.trainer)
     fabric.launch()
     torch.manual_seed(cfg.seed)
@@ -185,12 +188,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+@exit_on_user_error
 def hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
 def main() -> None:
-    run_entry_point(hydra_main)
+    run_entry_point(hydra_main, "evaluate")
 
 
 if __name__ == "__main__":

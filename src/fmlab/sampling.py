@@ -37,6 +37,27 @@ class VelocityField(nn.Module):
         return self.objective.to_velocity(self.net(t_batch, x), x, t_batch, self.path)
 
 
+class SolverError(UserError):
+    """An integration that cannot finish: the NFE cap was reached or the step size underflowed (a diverged model)."""
+
+
+class _CappedField:
+    """`field` that raises `SolverError` once it has been called more than `max_nfe` times in one integration."""
+
+    def __init__(self, field: nn.Module, max_nfe: int, solver: ODESolver) -> None:
+        self.field, self.max_nfe, self.solver, self.calls = field, max_nfe, solver, 0
+
+    def __call__(self, t: Tensor, x: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+        self.calls += 1
+        if self.calls > self.max_nfe:
+            raise SolverError(
+                f"solver.max_nfe={self.max_nfe} reached: {self.solver!r} needed more net calls than that for one "
+                f"batch (stopped at t={float(t):.4g}); the model has likely diverged (check the training loss, lower "
+                "optimizer.lr), or raise solver.max_nfe / loosen solver.atol and solver.rtol"
+            )
+        return self.field(t, x)
+
+
 @dataclass
 class ODEResult:
     samples: Tensor
@@ -48,18 +69,32 @@ class ODEResult:
 class ODESolver:
     """Integrates dx/dt = field(t, x) from t0 to t1 with a torchdiffeq method.
 
-    Adaptive methods (dopri5, ...) use `atol`/`rtol`; fixed-step methods (euler, midpoint, heun, rk4) take
-    `num_steps` uniform steps. NFE is the number of field calls, counted by the caller's field.
+    Adaptive methods (dopri5, ...) use `atol`/`rtol` and stop with a `SolverError` after `max_nfe` field calls
+    in one integration (an exploded model otherwise shrinks the step for ever); fixed-step methods (euler, midpoint,
+    heun, rk4) take `num_steps` uniform steps. NFE is the number of field calls, counted by the caller's field.
     """
 
-    def __init__(self, method: str = "dopri5", atol: float = 1e-5, rtol: float = 1e-5, num_steps: int = 100) -> None:
+    def __init__(
+        self,
+        method: str = "dopri5",
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        num_steps: int = 100,
+        max_nfe: int = 10_000,
+    ) -> None:
         if method not in FIXED_STEP_METHODS and method not in ADAPTIVE_METHODS:
             raise choices_error("solver.method", method, [*ADAPTIVE_METHODS, *FIXED_STEP_METHODS])
         if method in FIXED_STEP_METHODS and num_steps < 1:
             raise UserError(f"solver.num_steps={num_steps} must be >= 1 for method {method}")
         if method in ADAPTIVE_METHODS and (atol <= 0 or rtol <= 0):
             raise UserError(f"solver.atol={atol} and solver.rtol={rtol} must be > 0 for method {method}")
+        if isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1:
+            raise UserError(f"solver.max_nfe={max_nfe!r} is invalid; it must be a positive integer")
         self.method, self.atol, self.rtol, self.num_steps = method, float(atol), float(rtol), int(num_steps)
+        self.max_nfe = max_nfe
+
+    def check_path(self, path: AffinePath) -> None:
+        """Every path's PF-ODE can be integrated."""
 
     @property
     def is_adaptive(self) -> bool:
@@ -83,15 +118,21 @@ class ODESolver:
             # step_t clips the last step onto t1: torchdiffeq otherwise steps past t1 and interpolates back, which
             # would evaluate the field where diffusion schedules are undefined (t > 1: σ_t² < 0 for VP).
             options = {"step_t": times[-1:]}
-            states = odeint(
-                field,
-                x_start,
-                times,
-                method=ADAPTIVE_METHODS[self.method],
-                atol=self.atol,
-                rtol=self.rtol,
-                options=options,
-            )
+            try:
+                states = odeint(
+                    _CappedField(field, self.max_nfe, self),
+                    x_start,
+                    times,
+                    method=ADAPTIVE_METHODS[self.method],
+                    atol=self.atol,
+                    rtol=self.rtol,
+                    options=options,
+                )
+            except AssertionError as error:  # torchdiffeq's "underflow in dt": non-finite states
+                raise SolverError(
+                    f"{self!r} could not integrate ({error}): the field is not finite; the model has likely diverged "
+                    "(check the training loss, lower optimizer.lr)"
+                ) from None
         else:
             grid = torch.linspace(t0, t1, self.num_steps + 1, dtype=like.dtype, device=like.device)
             options = {"grid_constructor": lambda *_: grid}
@@ -102,7 +143,7 @@ class ODESolver:
 
     def __repr__(self) -> str:
         if self.is_adaptive:
-            return f"ODESolver({self.method}, atol={self.atol}, rtol={self.rtol})"
+            return f"ODESolver({self.method}, atol={self.atol}, rtol={self.rtol}, max_nfe={self.max_nfe})"
         return f"ODESolver({self.method}, num_steps={self.num_steps})"
 
 
@@ -125,10 +166,22 @@ class AncestralSampler:
             raise UserError(f"solver.num_steps={num_steps} must be >= 1 for the ancestral sampler")
         self.method, self.num_steps = "ancestral", int(num_steps)
 
+    def check_path(self, path: AffinePath) -> None:
+        """The posterior step divides by α_t and σ_t on the whole grid and assumes x_t = α_t x1 + σ_t ε: refuse
+        paths with smoothing noise or with α_t = 0 or σ_t = 0 at an end (the OT path has α_0 = 0)."""
+        ends = torch.tensor([path.t_min, path.t_max], dtype=torch.float64)
+        alpha, sigma = path.schedule.alpha(ends), path.schedule.sigma(ends)
+        if path.has_smoothing or bool((alpha <= 0).any()) or bool((sigma <= 0).any()):
+            raise UserError(
+                f"solver=ancestral does not fit {path!r}: it needs a Gaussian path with α_t > 0 and σ_t > 0 from "
+                f"t_min to t_max and no smoothing noise (here α={alpha.tolist()}, σ={sigma.tolist()} at "
+                f"t={ends.tolist()}); use an ODE solver (solver=dopri5) or a diffusion path "
+                "(method=ddpm|fm_vp|score_ve)"
+            )
+
     def integrate(self, field: VelocityField, x_start: Tensor, t0: float, t1: float, num_trajectory_times: int = 0):
         path = field.path
-        if path.has_smoothing:
-            raise UserError(f"solver=ancestral needs a Gaussian path without smoothing noise; got {path!r}")
+        self.check_path(path)
         grid = torch.linspace(t0, t1, self.num_steps + 1, dtype=x_start.dtype, device=x_start.device)
         alpha, sigma = path.schedule.alpha(grid), path.schedule.sigma(grid)
         x = x_start

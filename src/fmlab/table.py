@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -56,6 +57,8 @@ def aggregate(
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    if not all(math.isfinite(v) for v in values):  # a diverged run: NaN, never a mean of the others
+        return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -67,6 +70,9 @@ def format_cell(runs: list[dict], metric: str) -> str:
     values = [float(r[metric]) for r in runs if isinstance(r.get(metric), int | float)]
     if not values:
         return NOT_RUN
+    diverged = sum(1 for v in values if not math.isfinite(v))
+    if diverged:  # a mean over the other runs would hide the diverged ones
+        return f"NaN ({diverged} of {len(values)} runs diverged)"
     mean, std = mean_std(values)
     digits = decimals(metric)
     if len(values) == 1:
@@ -155,9 +161,26 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
 
 
 def finished_jobs(target: Path) -> set[frozenset[str]]:
-    """The override sets of the runs below `target` that wrote metrics.json."""
+    """The override sets of the runs below `target` that wrote metrics.json (a job resumed with `ckpt_path=` is the
+    same job)."""
     runs = target.rglob(METRICS_FILE) if target.is_dir() else []
-    return {frozenset(job_overrides(metrics_file.parent)) for metrics_file in runs}
+    return {
+        frozenset(o for o in job_overrides(metrics_file.parent) if not o.startswith("ckpt_path="))
+        for metrics_file in runs
+    }
+
+
+def stopped_jobs(target: Path) -> dict[frozenset[str], list[str]]:
+    """`ckpt_path=<last checkpoint>` for each job below `target` that was stopped after saving a checkpoint and
+    before its metrics.json (keyed by its overrides): it resumes, never restarts over its own checkpoints."""
+    checkpoints = target.glob("*/checkpoints/last.ckpt") if target.is_dir() else []
+    return {
+        frozenset(o for o in job_overrides(c.parent.parent) if not o.startswith("ckpt_path=")): [
+            f"ckpt_path={c.resolve()}"
+        ]
+        for c in checkpoints
+        if not (c.parent.parent / METRICS_FILE).exists()
+    }
 
 
 def job_subdir_pattern() -> str:
@@ -196,11 +219,13 @@ def pending_launches(table: DictConfig, sweep_dir: Path, whole_sweeps: bool = Tr
                 f"{len(missing)}",
                 flush=True,
             )
+        stopped = stopped_jobs(target)
         launches += [
             Launch(
                 f"{name}_{index}",
                 [
                     *job,
+                    *stopped.get(frozenset(job), []),
                     f"hydra.sweep.dir={target}",
                     f"hydra.sweep.subdir='{subdir.replace('${hydra.job.num}', str(index))}'",
                 ],
@@ -275,7 +300,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    run_entry_point(hydra_main)
+    run_entry_point(hydra_main, "table")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ metric a sweeper optimises.
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,26 +28,122 @@ if TYPE_CHECKING:  # torch and Lightning load inside `train`, so a bad command l
     from fmlab.module import FlowModule
 
 
-def _local_multirun() -> bool:
-    """A Hydra multirun outside SLURM (where srun, not Lightning, starts the ranks)."""
+def _in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and "SLURM_NTASKS" not in os.environ
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _local_multirun() -> bool:
+    """A Hydra multirun outside SLURM (where srun, not Lightning, starts the ranks)."""
+    return _in_multirun() and "SLURM_NTASKS" not in os.environ
+
+
+# what a resumed run cannot change: the run's model, its training data and its optimiser and schedule, whose states
+# come from the checkpoint (Lightning would restore the old ones over the new values without a word)
+RESUME_FIXED_KEYS = ("method", "net", "path", "schedule", "objective", "coupling", "data", "optimizer", "scheduler",
+                     "scheduler_interval", "seed")  # fmt: skip
+# settings of those groups that only say where data lives or how it is evaluated
+RESUME_FREE_KEYS = ("data.num_eval_samples", "data.num_workers", "data.data_dir")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Checks Lightning would accept silently (e.g. max_steps = -1 trains forever)."""
+    """Checks Lightning would accept silently (max_steps = -1 trains forever, lr = 0 trains nothing) or report
+    with a traceback, and the checks of a resumed run against its checkpoint."""
     trainer = cfg.trainer
     if not trainer.get("fast_dev_run") and (not isinstance(trainer.max_steps, int) or trainer.max_steps < 1):
         raise UserError(f"trainer.max_steps={trainer.max_steps} is invalid; it must be a positive integer")
+    lr = cfg.optimizer.get("lr")
+    if lr is not None and (not _is_number(lr) or lr <= 0):
+        raise UserError(f"optimizer.lr={lr!r} is invalid; it must be a positive number such as 2e-3")
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise UserError(f"seed={seed!r} is invalid; it must be a whole number from 0 to 2**32 - 1")
     if "ddp" in str(trainer.get("strategy", "")) and trainer.get("devices", 1) != 1 and _local_multirun():
         raise UserError(
             f"trainer.strategy={trainer.strategy} cannot run inside a local multirun (Lightning would relaunch the "
             "whole sweep once per rank); run the jobs one at a time or submit them with hydra/launcher=slurm"
         )
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist; give the path of a .ckpt file")
+    from hydra.utils import instantiate
+
+    instantiate(cfg.solver).check_path(instantiate(cfg.path))  # e.g. the ancestral sampler on the OT path
+    if cfg.ckpt_path is not None:
+        check_resume(cfg)
+
+
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}.{key}").items()}
+    return {prefix: node}
+
+
+def resume_conflicts(stored: dict[str, Any], cfg: DictConfig) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every setting in RESUME_FIXED_KEYS that differs."""
+    conflicts = []
+    for group in RESUME_FIXED_KEYS:
+        current = OmegaConf.to_container(cfg[group], resolve=True) if isinstance(cfg.get(group), DictConfig) else None
+        old = _flat(stored.get(group), group)
+        new = _flat(current if current is not None else cfg.get(group), group)
+        for key in sorted(old.keys() | new.keys()):
+            if key not in RESUME_FREE_KEYS and old.get(key, "<unset>") != new.get(key, "<unset>"):
+                conflicts.append((key, old.get(key, "<unset>"), new.get(key, "<unset>")))
+    return conflicts
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """A resumed run continues the checkpoint's run: refuse settings it would ignore or could not load, and a
+    checkpoint already past `trainer.max_steps`."""
+    from fmlab.utils.run_files import CHECKPOINT_KEY, load_checkpoint
+
+    if not Path(cfg.ckpt_path).is_file():
+        raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist; give the path of a .ckpt file or a run dir")
+    checkpoint = load_checkpoint(cfg.ckpt_path, mmap=True)
+    step = int(checkpoint.get("global_step", 0))
+    if step > cfg.trainer.max_steps:
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} is at step {step}, beyond trainer.max_steps={cfg.trainer.max_steps}; "
+            f"give trainer.max_steps >= {step}, or evaluate it with python -m fmlab.evaluate"
+        )
+    stored = checkpoint.get(CHECKPOINT_KEY, {}).get("config")
+    conflicts = resume_conflicts(stored, cfg) if stored is not None else []
+    if conflicts:
+        listed = "; ".join(f"{key}: {old} in the checkpoint, {new} now" for key, old, new in conflicts[:4])
+        listed += f"; and {len(conflicts) - 4} more" if len(conflicts) > 4 else ""
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} cannot resume with other settings ({listed}): a resumed run keeps the "
+            "checkpoint's model, data, optimiser and schedule; drop these overrides or start a new run"
+        )
+
+
+def check_new_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """A new run never overwrites another run's checkpoints: a run dir holding one is resumed, not reused."""
+    if cfg.get("ckpt_path") is None and (run_dir / "checkpoints" / "last.ckpt").exists():
+        raise UserError(
+            f"hydra.run.dir={run_dir} already holds a run (checkpoints/last.ckpt); resume it with "
+            f"ckpt_path={run_dir}, or choose another run dir"
+        )
+
+
+def preflight(cfg: DictConfig, args: list[str]) -> None:
+    """Before Hydra writes into the run dir: the config's values, the run dir (writable, not another run's, not in
+    use), all in one line on failure. Then the run dir stays locked for this process."""
+    from fmlab.utils.cli import check_writable, run_dir_override
+    from fmlab.utils.run_files import is_launching_process, lock_run_dir
+
+    validate_config(cfg)
+    run_dir = run_dir_override(args)
+    if run_dir is None:  # a new, timestamped run dir under paths.log_dir
+        check_writable(Path(str(cfg.paths.log_dir)), "paths.log_dir")
+        return
+    check_writable(run_dir)
+    check_new_run_dir(cfg, run_dir)
+    if is_launching_process():
+        lock_run_dir(run_dir)
 
 
 def build_module(cfg: DictConfig) -> FlowModule:
@@ -88,12 +187,13 @@ def net_parameters(net: Any) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback]) -> dict[str, Any]:
+def run_metrics(
+    cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback], evaluation: dict[str, Any]
+) -> dict[str, Any]:
     """What metrics.json records: the evaluation, the cost of training, and what was run."""
     import torch
     from lightning.pytorch.callbacks import Timer
 
-    from fmlab.callbacks import Evaluator
     from fmlab.utils.run_files import config_digest
 
     metrics: dict[str, Any] = {
@@ -117,39 +217,62 @@ def run_metrics(cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbac
     for callback in callbacks:
         if isinstance(callback, Timer):
             metrics["train_seconds"] = callback.time_elapsed("train")
-        if isinstance(callback, Evaluator):
-            metrics.update(callback.results)
+    metrics.update(evaluation)
     return metrics
 
 
-def continue_wandb_run(cfg: DictConfig) -> None:
+def continue_wandb_run(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
     """When resuming, log into the W&B run the checkpoint names (its id is stored by RunConfigInCheckpoint)."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
-    if not cfg.ckpt_path or not wandb_cfg:
-        return
-    from fmlab.utils.run_files import CHECKPOINT_KEY, load_checkpoint
+    from fmlab.utils.run_files import CHECKPOINT_KEY
 
-    # mapped, not read: Lightning reads the whole file again when it restores the run
-    run_id = load_checkpoint(cfg.ckpt_path, mmap=True).get(CHECKPOINT_KEY, {}).get("wandb_id")
-    if run_id:
+    run_id = checkpoint.get(CHECKPOINT_KEY, {}).get("wandb_id")
+    if wandb_cfg and run_id:
         from omegaconf import open_dict
 
         with open_dict(wandb_cfg):
             wandb_cfg.id, wandb_cfg.resume = run_id, "allow"
 
 
-@exit_on_user_error
+@contextmanager
+def exit_on_sigterm(message: str):
+    """SIGTERM inside the block prints `message` and exits with status 143 at once (Lightning's own handler, which
+    only notes the signal for the training loop to act on, is gone once `fit` returns)."""
+    from fmlab.callbacks.resume import SIGTERM_EXIT_STATUS
+
+    def handler(signum: int, frame: Any) -> None:
+        print(message, flush=True)
+        raise SystemExit(SIGTERM_EXIT_STATUS)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one model as `cfg` says and return its metrics (also written to <output_dir>/metrics.json)."""
+    """Train one model as `cfg` says and return its metrics (also written to <output_dir>/metrics.json).
+
+    A resumed run whose training is complete only evaluates. Raises `UserError` on bad input; `SystemExit(143)` on
+    SIGTERM, after saving a checkpoint (during training) or keeping the last one (during the final evaluation).
+    """
     validate_config(cfg)
     import lightning as L
     from hydra.utils import instantiate
 
+    from fmlab.callbacks import Evaluator
+    from fmlab.callbacks.resume import SIGTERM_EXIT_STATUS, AtomicCheckpointIO
     from fmlab.distributed import end_process_group
+    from fmlab.sampling import SolverError
     from fmlab.utils.config import instantiate_each
-    from fmlab.utils.loggers import finish_wandb, log_final_metrics
-    from fmlab.utils.run_files import write_metrics
+    from fmlab.utils.loggers import finish_wandb, keep_history_before, log_final_metrics
+    from fmlab.utils.run_files import is_launching_process, load_checkpoint, lock_run_dir, write_metrics
 
+    output_dir = Path(cfg.paths.output_dir)
+    if is_launching_process():
+        lock_run_dir(output_dir)
+        check_new_run_dir(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
@@ -161,18 +284,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     print(f"fmlab: net {type(module.net).__name__} with {net_parameters(module.net):,} parameters", flush=True)
     callbacks = build_callbacks(cfg)
-    continue_wandb_run(cfg)
+    resume_step = 0
+    if cfg.ckpt_path is not None:
+        # mapped, not read: Lightning reads the whole file again when it restores the run
+        checkpoint = load_checkpoint(cfg.ckpt_path, mmap=True)
+        resume_step = int(checkpoint.get("global_step", 0))
+        continue_wandb_run(cfg, checkpoint)
     loggers = instantiate_each(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if is_launching_process():  # rank 0 writes the loggers' files
+        keep_history_before(loggers, resume_step)
+    plugins = [AtomicCheckpointIO()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    evaluator = next((c for c in callbacks if isinstance(c, Evaluator)), None)
+    metrics: dict[str, Any] = {}
     try:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        metrics = run_metrics(cfg, trainer, module, callbacks)
+        if resume_step >= cfg.trainer.max_steps:
+            print(f"fmlab: {cfg.ckpt_path} finished training (step {resume_step}); evaluating it", flush=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)  # restores, then skips if done
+            last = output_dir / "checkpoints" / "last.ckpt"
+            kept = f"the checkpoint {last} is kept; resume with ckpt_path={output_dir} to evaluate it"
+            if getattr(trainer, "received_sigterm", False):  # noted by Lightning after the last step
+                print(f"fmlab: SIGTERM at the end of training: {kept}", flush=True)
+                raise SystemExit(SIGTERM_EXIT_STATUS)
+            with exit_on_sigterm(f"fmlab: SIGTERM during the final evaluation: {kept}"):
+                evaluation = evaluator.final(trainer, module) if evaluator is not None else {}
+        except SolverError as failure:
+            metrics = run_metrics(cfg, trainer, module, callbacks, {"eval_error": str(failure), "diverged": True})
+            if trainer.is_global_zero:
+                write_metrics(output_dir, metrics)  # what was measured before the solver gave up
+            if not _in_multirun():
+                raise
+            print(f"fmlab: warning: {failure}", flush=True)  # a sweep goes on; this job's metric is NaN
+            return metrics
+        metrics = run_metrics(cfg, trainer, module, callbacks, evaluation)
         metrics["wall_seconds"] = time.perf_counter() - started
         if trainer.is_global_zero:
-            write_metrics(cfg.paths.output_dir, metrics)
+            write_metrics(output_dir, metrics)
             log_final_metrics(loggers, metrics)
     finally:
         finish_wandb(loggers)
@@ -180,17 +331,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """The metric a sweeper minimises: NaN for a diverged run or one whose evaluation failed (Optuna records such
+    a trial as failed), never a number that would look good."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    value = metrics.get(name)
+    if metrics.get("diverged") or not isinstance(value, int | float):
+        return math.nan
+    return float(value)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@exit_on_user_error
 def hydra_main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    value = metrics.get(cfg.get("optimized_metric") or "")
-    return float(value) if isinstance(value, int | float) else None
+    return optimized_value(cfg, train(cfg))
 
 
 def resume_arguments(args: list[str], runs_dir: Path = Path("outputs/train/runs")) -> list[str]:
     """`ckpt_path=<run dir>` or `ckpt_path=last` (the newest run under `runs_dir` with a checkpoint) resumes that
     run in place: its own overrides first, then the given ones, its last.ckpt, and its run dir as Hydra's.
     A `ckpt_path=<file>` starts a new run dir from that checkpoint."""
+    from fmlab.utils.run_files import run_checkpoint
+
     values = [a.split("=", 1)[1] for a in args if a.startswith("ckpt_path=")]
     if not values or (values[-1] != "last" and not Path(values[-1]).is_dir()):
         return args
@@ -201,9 +365,7 @@ def resume_arguments(args: list[str], runs_dir: Path = Path("outputs/train/runs"
         run_dir = candidates[-1]
     else:
         run_dir = Path(values[-1])
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    if not checkpoint.exists():
-        raise UserError(f"ckpt_path={values[-1]}: {checkpoint} does not exist; the run saved no checkpoint yet")
+    checkpoint = run_checkpoint(run_dir)
     saved = run_dir / ".hydra" / "overrides.yaml"
     original = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
     keep = [o for o in original if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
@@ -217,7 +379,7 @@ def main() -> None:
 
     if "LOCAL_RANK" not in os.environ:  # DDP ranks > 0 are started with the resolved arguments already
         sys.argv[1:] = exit_on_user_error(resume_arguments)(sys.argv[1:])
-    run_entry_point(hydra_main)
+    run_entry_point(hydra_main, "train", preflight)
 
 
 if __name__ == "__main__":

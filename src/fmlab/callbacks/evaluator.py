@@ -8,6 +8,7 @@ depend only on the chunk, so W2, MMD, NLL and NFE equal a one-process run; FID s
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Mapping
@@ -37,10 +38,12 @@ def generate(
     draw: int,
     ranks: Ranks,
     on_chunk: Any = None,
+    tick: Any = None,
 ) -> tuple[Tensor, list[int]]:
     """`num_samples` samples from the fixed source chunks of `draw`, on every rank, and the NFE of each chunk.
 
-    `on_chunk(samples)` sees each of this rank's chunks before the gather (FID's per-rank update).
+    `on_chunk(samples)` sees each of this rank's chunks before the gather (FID's per-rank update); `tick()` is
+    called after each chunk (progress).
     """
     sizes = chunk_sizes(num_samples, batch_size)
     device = next(field.parameters()).device
@@ -52,6 +55,8 @@ def generate(
         mine[chunk], nfe[chunk] = result.samples, result.nfe
         if on_chunk is not None:
             on_chunk(result.samples)
+        if tick is not None:
+            tick()
     like = torch.empty(0, *datamodule.data_shape, device=device)
     samples = gather_chunks(mine, sizes, ranks, like)
     nfe = ranks.gather(nfe).sum(0)  # each chunk's count is non-zero on its own rank only
@@ -60,12 +65,30 @@ def generate(
 
 def over_draws(name: str, values: list[float]) -> dict[str, Any]:
     """A metric's mean over the generated draws, with its std and the draws themselves."""
+    if not all(math.isfinite(v) for v in values):  # a diverged draw: no mean, no spread
+        return {name: math.nan, f"{name}_std": math.nan, f"{name}_draws": values}
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return {name: statistics.fmean(values), f"{name}_std": spread, f"{name}_draws": values}
 
 
 def nfe_stats(per_batch: list[int]) -> dict[str, float]:
     return {"nfe": statistics.fmean(per_batch), "nfe_max": max(per_batch)}
+
+
+def count_nonfinite(samples: Tensor) -> int:
+    """How many samples hold a NaN or an infinite value."""
+    return int((~torch.isfinite(samples.flatten(1))).any(1).sum())
+
+
+# the quality metrics a diverged evaluation makes non-finite
+QUALITY_METRICS = ("w2", "mmd", "fid", "nll", "bpd")
+
+
+def divergence_flags(results: dict[str, Any], nonfinite_samples: int) -> dict[str, Any]:
+    """`diverged` is true when any generated sample or any quality metric is not finite; metrics.json, tables and
+    sweepers read it (and the metrics are NaN, never a perfect score)."""
+    bad = [k for k in QUALITY_METRICS if isinstance(results.get(k), float) and not math.isfinite(results[k])]
+    return {"diverged": bool(nonfinite_samples or bad), "nonfinite_samples": nonfinite_samples}
 
 
 class Evaluator(L.Callback):
@@ -81,6 +104,10 @@ class Evaluator(L.Callback):
     - `nfe`, `nfe_max`: net calls of the solver per batch of `batch_size` (mean, max).
     - `nll` (nats) and, for images, `bpd` of `nll_samples` held-out points through the PF-ODE (`nll_nfe`), when the
       source is N(0, I); divergence exact for point data, Hutchinson (`num_probes` Rademacher probes) for images.
+    - `diverged`, `nonfinite_samples`: a draw with a NaN or infinite sample has NaN W2, MMD and FID (POT would
+      return 0 and FID would clamp the pixels), and the run is flagged.
+
+    `progress=True` shows a progress bar over the evaluation's chunks (rank 0).
     """
 
     def __init__(
@@ -95,6 +122,7 @@ class Evaluator(L.Callback):
         every_n_steps: int = 0,
         mmd_bandwidths: tuple[float, ...] | list[float] = DEFAULT_BANDWIDTHS,
         fid: Mapping[str, Any] | None = None,
+        progress: bool = False,
     ) -> None:
         if num_samples < 2 or num_draws < 1 or batch_size < 1 or nll_samples < 0 or every_n_steps < 0:
             raise UserError(
@@ -110,6 +138,8 @@ class Evaluator(L.Callback):
         self.every_n_steps = every_n_steps
         self.mmd_bandwidths = tuple(mmd_bandwidths)
         self.fid_options = dict(fid or {})
+        self.progress = progress
+        self._tick: Any = None
         self.results: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self._fid: tuple[Any, Any, Any] | None = None  # (metric, prepare, reference states), built once
@@ -123,6 +153,8 @@ class Evaluator(L.Callback):
         field = module.velocity_field(net)
         was_training = field.training
         field.eval()
+        bar = self._progress_bar(datamodule, ranks)
+        self._tick = bar.update if bar is not None else None
         try:
             if getattr(datamodule, "is_image", False):
                 results = self._image_metrics(field, datamodule, ranks)
@@ -131,6 +163,9 @@ class Evaluator(L.Callback):
             results.update(self.negative_log_likelihood(field, datamodule, ranks))
         finally:
             field.train(was_training)
+            if bar is not None:
+                bar.close()
+        results.update(divergence_flags(results, results.pop("nonfinite_samples")))
         results.update(
             num_eval_samples=self.num_samples,
             num_eval_draws=self.num_draws,
@@ -140,23 +175,37 @@ class Evaluator(L.Callback):
         )
         return results
 
+    def _progress_bar(self, datamodule: Any, ranks: Ranks):
+        """A bar over this evaluation's chunks (generation, then likelihood), on rank 0 when `progress` is set."""
+        if not self.progress or ranks.rank != 0:
+            return None
+        from tqdm.auto import tqdm
+
+        chunks = self.num_draws * len(chunk_sizes(self.num_samples, self.batch_size))
+        if self.nll_samples and getattr(datamodule, "source", "gaussian") == "gaussian":
+            chunks += len(chunk_sizes(self.nll_samples, self.batch_size))
+        return tqdm(total=-(-chunks // ranks.world_size), desc=f"evaluating ({self.solver!r})", unit="chunk")
+
     def _generate_draws(self, field, datamodule, ranks: Ranks, on_chunk=None):
         for draw in range(self.num_draws):
             yield (
                 draw,
-                *generate(field, datamodule, self.solver, self.num_samples, self.batch_size, draw, ranks, on_chunk),
+                *generate(
+                    field, datamodule, self.solver, self.num_samples, self.batch_size, draw, ranks, on_chunk, self._tick
+                ),
             )
 
     def _point_metrics(self, field: VelocityField, datamodule: Any, ranks: Ranks) -> dict[str, Any]:
         held_out = datamodule.held_out(self.num_samples)
-        w2, mmd, floor, nfe = [], [], [], []
+        w2, mmd, floor, nfe, nonfinite = [], [], [], [], 0
         for draw, samples, chunk_nfe in self._generate_draws(field, datamodule, ranks):
-            w2.append(wasserstein2(samples, held_out))
+            w2.append(wasserstein2(samples, held_out))  # NaN when a sample is not finite
             mmd.append(mmd_rbf(samples, held_out, self.mmd_bandwidths))
             floor.append(wasserstein2(datamodule.held_out(self.num_samples, index=1 + draw), held_out))
             nfe += chunk_nfe
+            nonfinite += count_nonfinite(samples)
         floor_and_mmd = {"w2_floor": statistics.fmean(floor), "mmd": statistics.fmean(mmd)}
-        return {**over_draws("w2", w2), **floor_and_mmd, **nfe_stats(nfe)}
+        return {**over_draws("w2", w2), **floor_and_mmd, **nfe_stats(nfe), "nonfinite_samples": nonfinite}
 
     def fid_metric(self, datamodule: Any, device: torch.device, ranks: Ranks):
         """The FID metric with the reference statistics loaded on rank 0 (computed once per process, cached)."""
@@ -180,14 +229,17 @@ class Evaluator(L.Callback):
     def _image_metrics(self, field: VelocityField, datamodule: Any, ranks: Ranks) -> dict[str, Any]:
         device = next(field.parameters()).device
         metric, prepare = self.fid_metric(datamodule, device, ranks)
-        fid, nfe = [], []
-        for _, _, chunk_nfe in self._generate_draws(
+        fid, nfe, nonfinite = [], [], 0
+        for _, samples, chunk_nfe in self._generate_draws(
             field, datamodule, ranks, on_chunk=lambda x: metric.update(prepare(x), real=False)
         ):
-            fid.append(float(metric.compute()))  # sums every rank's features: a collective
+            value = float(metric.compute())  # sums every rank's features: a collective
             metric.reset()  # keeps the reference (reset_real_features=False)
+            bad = count_nonfinite(samples)
+            fid.append(math.nan if bad else value)  # prepare() clamps pixels: a NaN image would still score
             nfe += chunk_nfe
-        return {**over_draws("fid", fid), **nfe_stats(nfe)}
+            nonfinite += bad
+        return {**over_draws("fid", fid), **nfe_stats(nfe), "nonfinite_samples": nonfinite}
 
     def negative_log_likelihood(self, field: VelocityField, datamodule: Any, ranks: Ranks) -> dict[str, Any]:
         """Mean NLL of the held-out set through the PF-ODE, chunked over ranks like generation."""
@@ -212,6 +264,8 @@ class Evaluator(L.Callback):
                 generator=probes,
             )
             mine[chunk], nfe[chunk] = result.log_prob.unsqueeze(1), result.nfe
+            if self._tick is not None:
+                self._tick()
         log_prob = gather_chunks(mine, sizes, ranks, torch.empty(0, 1, device=device)).squeeze(1)
         results = {
             "nll": -log_prob.mean().item(),
@@ -233,6 +287,8 @@ class Evaluator(L.Callback):
         numeric = {f"eval/{k}": float(v) for k, v in results.items() if isinstance(v, int | float)}
         for logger in trainer.loggers:  # Lightning's loggers write on rank 0 only
             logger.log_metrics(numeric, step=trainer.global_step)
+            logger.save()  # the final evaluation runs after fit, when Lightning no longer saves the loggers
+        self.history = [row for row in self.history if row["step"] != trainer.global_step]
         self.history.append({k: v for k, v in results.items() if isinstance(v, int | float)})
         return results
 
@@ -241,7 +297,17 @@ class Evaluator(L.Callback):
         if self.every_n_steps and step % self.every_n_steps == 0 and step < (trainer.max_steps or 0):
             self.run(trainer, pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def final(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The evaluation of the trained run, after `trainer.fit` (also when a resumed run had nothing left to
+        train): in `self.results`, with the periodic evaluations in `eval_history`."""
+        pl_module.to(trainer.strategy.root_device)  # fit's teardown moved it to the CPU
         self.results = self.run(trainer, pl_module)
         if len(self.history) > 1:
             self.results["eval_history"] = self.history
+        return self.results
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}  # a resumed run keeps the periodic evaluations before the kill
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))

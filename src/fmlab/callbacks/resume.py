@@ -1,7 +1,9 @@
-"""What makes a killed run resumable exactly: per-step random seeds, and a checkpoint on SIGTERM."""
+"""What makes a killed run resumable exactly: per-step random seeds, a checkpoint on SIGTERM, and checkpoint files
+that are written whole or not at all."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -9,11 +11,32 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmlab.data.toy2d import stream_seed
+from fmlab.utils.errors import UserError
+from fmlab.utils.run_files import write_atomically
 
 SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints serialised in memory, then written through a temp file renamed over the target: a full disk or a
+    kill mid-write leaves the checkpoints already saved as they were and no truncated file beside them."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        target = Path(path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(target, buffer.getbuffer())
+        except OSError as error:
+            raise UserError(
+                f"could not write the checkpoint {target} ({error.strerror or error}); the checkpoints saved before "
+                "are kept: free some space (or give a writable paths.log_dir) and resume"
+            ) from None
 
 
 class StepSeed(L.Callback):
@@ -82,8 +105,6 @@ class StopOnNonFiniteLoss(L.Callback):
             return
         if math.isfinite(loss.item()):  # the loss is a scalar; .item() is ~30x cheaper than isfinite().all()
             return
-        from fmlab.utils.errors import UserError
-
         checkpoint = trainer.checkpoint_callback
         last = Path(checkpoint.dirpath) / "last.ckpt" if checkpoint is not None and checkpoint.dirpath else None
         kept = f"last good checkpoint: {last.resolve()}" if last is not None and last.exists() else "no checkpoint yet"

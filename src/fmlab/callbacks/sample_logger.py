@@ -11,6 +11,7 @@ from torch import Tensor
 
 from fmlab.callbacks.ema import sampling_net
 from fmlab.sampling import ODEResult, ODESolver, sample
+from fmlab.utils.run_files import write_atomically
 
 
 def plot_2d_samples(data: Tensor, result: ODEResult, num_trajectories: int, title: str):
@@ -99,4 +100,4 @@ class SampleLogger(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         final = self.log_samples(trainer, pl_module, f"step{trainer.global_step:07d}")
         if final is not None:
-            (self.output_dir / "samples.png").write_bytes(final.read_bytes())
+            write_atomically(self.output_dir / "samples.png", final.read_bytes())

@@ -6,6 +6,7 @@ held-out sets and the FID reference set are shared.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from fmlab.data.toy2d import seeded_generator
-from fmlab.utils.errors import UserError
+from fmlab.utils.errors import UserError, first_detail
 
 
 def dequantize(levels: Tensor, num_levels: int, noise: Tensor) -> Tensor:
@@ -143,8 +144,29 @@ class DigitsDataModule(ImageDataModule):
 
 def _missing(data: str, where: Path, files: list[str], error: Exception | None = None) -> UserError:
     listed = ", ".join(files)
-    why = f" (download failed: {' '.join(str(error).split())[:160]})" if error is not None else ""
+    why = f" (download failed: {first_detail(error)})" if error is not None else ""
     return UserError(f"data={data}: expected {listed} under {where}{why}; set data.data_dir=<folder holding them>")
+
+
+def _corrupt(data: str, path: Path, expected: str, error: Exception | None = None) -> UserError:
+    found = f" ({type(error).__name__}: {first_detail(error) or 'no detail'})" if error is not None else ""
+    return UserError(f"data={data}: {path} is not a valid file: expected {expected}{found}; replace it")
+
+
+IDX_MAGIC = {3: 0x0803, 1: 0x0801}  # MNIST idx files: ubyte images (3 dims), ubyte labels (1 dim)
+
+
+def check_idx_file(path: Path, dims: int) -> None:
+    """An MNIST idx file: the magic number for `dims` dimensions, then that many sizes whose product is the rest."""
+    import struct
+
+    expected = f"an idx file (magic 0x{IDX_MAGIC[dims]:04x}, {dims} sizes, then the bytes they count)"
+    data = path.read_bytes()
+    if len(data) < 4 + 4 * dims or struct.unpack(">I", data[:4])[0] != IDX_MAGIC[dims]:
+        raise _corrupt("mnist", path, expected)
+    sizes = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
+    if len(data) != 4 + 4 * dims + math.prod(sizes):
+        raise _corrupt("mnist", path, f"{expected}; its sizes {list(sizes)} do not match its {len(data)} bytes")
 
 
 class MNISTDataModule(ImageDataModule):
@@ -158,6 +180,10 @@ class MNISTDataModule(ImageDataModule):
         from torchvision.datasets import MNIST
 
         root = self.data_dir or Path("data")
+        raw = root / "MNIST" / "raw"
+        for name in self.files:  # name a corrupt file instead of torchvision's bare AssertionError
+            if (raw / name).is_file():
+                check_idx_file(raw / name, 3 if "images" in name else 1)
         try:
             train, test = (MNIST(root, train=split, download=False) for split in (True, False))
         except RuntimeError:
@@ -198,9 +224,12 @@ class CIFAR10DataModule(ImageDataModule):
     def _read(path: Path) -> Tensor:
         import pickle
 
-        with path.open("rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
-        return torch.from_numpy(batch[b"data"]).reshape(-1, 3, 32, 32)
+        try:
+            with path.open("rb") as handle:
+                batch = pickle.load(handle, encoding="bytes")
+            return torch.from_numpy(batch[b"data"]).reshape(-1, 3, 32, 32)
+        except Exception as error:
+            raise _corrupt("cifar10", path, "a pickled dict whose b'data' holds N x 3072 uint8 rows", error) from None
 
 
 class DownsampledImageNetDataModule(ImageDataModule):
@@ -226,6 +255,10 @@ class DownsampledImageNetDataModule(ImageDataModule):
             raise _missing(self.name, root, ["train_data_batch_1.npz ... train_data_batch_10.npz", "val_data.npz"])
 
         def read(path: Path) -> Tensor:
-            return torch.from_numpy(np.load(path)["data"]).reshape(-1, *self.data_shape)
+            try:
+                return torch.from_numpy(np.load(path)["data"]).reshape(-1, *self.data_shape)
+            except Exception as error:
+                expected = f"an .npz file whose 'data' holds N x {math.prod(self.data_shape)} uint8 rows"
+                raise _corrupt(self.name, path, expected, error) from None
 
         return torch.cat([read(p) for p in train_files]), read(val_files[0])

@@ -10,10 +10,13 @@ from torch import Tensor
 def wasserstein2(x: Tensor, y: Tensor) -> float:
     """W2(μ̂, ν̂) = (min_π Σ_ij π_ij ‖x_i − y_j‖²)^½ between two empirical measures with uniform weights.
 
-    Exact: POT's network-simplex EMD on the squared Euclidean cost, in float64.
+    Exact: POT's network-simplex EMD on the squared Euclidean cost, in float64. NaN when either set holds a
+    non-finite value: POT returns 0 for such an unbounded problem, which would read as a perfect score.
     """
     a = x.detach().flatten(1).double().cpu().numpy()
     b = y.detach().flatten(1).double().cpu().numpy()
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
     cost = ot.dist(a, b, metric="sqeuclidean")
     weights_a, weights_b = np.full(len(a), 1.0 / len(a)), np.full(len(b), 1.0 / len(b))
     return float(np.sqrt(ot.emd2(weights_a, weights_b, cost, numItermax=10_000_000)))
@@ -28,7 +31,7 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] | list[float] = 
         MMD²_u = 1/(n(n−1)) Σ_{i≠j} k(x_i, x_j) + 1/(m(m−1)) Σ_{i≠j} k(y_i, y_j) − 2/(nm) Σ_ij k(x_i, y_j)
 
     (Gretton et al. 2012, Lemma 6). Unbiased, so it can be slightly negative when the distributions are equal.
-    Pairwise squared distances are POT's, in float64.
+    Pairwise squared distances are POT's, in float64. NaN when either set holds a non-finite value.
     """
     if not bandwidths or min(bandwidths) <= 0:
         raise ValueError(f"MMD bandwidths must be positive; got {list(bandwidths)}")
@@ -37,6 +40,8 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] | list[float] = 
     n, m = len(a), len(b)
     if n < 2 or m < 2:
         raise ValueError(f"MMD needs at least 2 points per set; got {n} and {m}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
 
     def kernel_sum(d2: np.ndarray) -> np.ndarray:
         return sum(np.exp(-d2 / (2.0 * h * h)) for h in bandwidths)

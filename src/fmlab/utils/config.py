@@ -25,9 +25,11 @@ def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictCo
 
 
 def instantiate_each(node: DictConfig | None) -> list:
-    """Every object a dict-of-configs node names (callbacks, loggers); null entries and `group=none` give none."""
+    """Every object a dict-of-configs node names (callbacks, loggers); null entries, `group=none` and factories that
+    return None (W&B when disabled) give none."""
     from hydra.utils import instantiate
 
     if not node:
         return []
-    return [instantiate(child) for child in node.values() if child and "_target_" in child]
+    built = [instantiate(child) for child in node.values() if child and "_target_" in child]
+    return [item for item in built if item is not None]

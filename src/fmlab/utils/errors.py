@@ -20,6 +20,14 @@ def choices_error(name: str, value: object, choices: Iterable[object]) -> UserEr
     return UserError(f"{name}={value!r} is not a valid choice; choose one of: {listed}")
 
 
+def first_detail(error: BaseException) -> str:
+    """A multi-line error message as one line: its first two lines (a heading and its first detail), and how many
+    more details there are."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return " ".join(lines[:2]) + more
+
+
 def find_user_error(error: BaseException) -> UserError | None:
     """The `UserError` behind `error`, following `raise ... from` chains (Hydra's instantiate wraps errors)."""
     while error is not None:
