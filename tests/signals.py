@@ -28,3 +28,29 @@ class SignalAt(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self._maybe_send(trainer, "epoch_end")
+
+
+class SignalAfterTraining(L.Callback):
+    """Send `signal_name` to this process `delay` seconds after training ends: during the final evaluation."""
+
+    def __init__(self, delay: float, signal_name: str = "SIGTERM") -> None:
+        self.delay, self.signal = delay, getattr(signal, signal_name)
+
+    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
+        import threading
+
+        threading.Timer(self.delay, os.kill, (os.getpid(), self.signal)).start()
+
+
+class FileSizeLimitAt(L.Callback):
+    """From training step `step` on, files this process writes may not grow past `max_bytes` (RLIMIT_FSIZE): a
+    full disk for every file larger than that (a write past it fails with EFBIG; Python ignores SIGXFSZ)."""
+
+    def __init__(self, step: int, max_bytes: int) -> None:
+        self.step, self.max_bytes = step, max_bytes
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_bytes, resource.RLIM_INFINITY))

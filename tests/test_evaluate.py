@@ -39,6 +39,7 @@ def evaluate(run_dir: Path, out: Path, *overrides: str) -> dict:
         cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "evaluating (" in result.stderr  # the progress bar over evaluation chunks
     return json.loads((out / "metrics.json").read_text())
 
 

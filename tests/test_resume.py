@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -88,6 +89,13 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_like_an_unbroken_on
     logged = [read_run(f) for f in run_files(run_dir)]
     assert len({run.run["id"] for run in logged}) == 1  # one W&B run, continued
     assert sum(len(run.values("eval/w2")) for run in logged) == 1
+    # the CSV history before the kill stays, and the resumed part continues it: the unbroken run's rows, once each
+    assert loss_rows(run_dir) == loss_rows(unbroken)
+
+
+def loss_rows(run_dir: Path) -> list[tuple[int, str]]:
+    with (run_dir / "csv" / "metrics.csv").open() as handle:
+        return [(int(r["step"]), r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")]
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def test_table_cli_reads_a_finished_sweep_and_writes_markdown_and_csv(tmp_path: 
 
 
 def test_table_cli_without_a_sweep_says_what_to_do(tmp_path: Path) -> None:
-    result = run_cli("fmlab.table", f"sweep_dir={tmp_path / 'missing'}", "run=false", cwd=tmp_path)
+    result = run_cli("fmlab.table", "table=methods2d", f"sweep_dir={tmp_path / 'missing'}", "run=false", cwd=tmp_path)
     assert result.returncode == 2 and "holds no metrics.json; run the table first" in result.stderr
 
 
@@ -178,7 +178,7 @@ def test_concurrent_sweeps_run_every_job_with_split_threads_and_a_rerun_adds_onl
 
 
 def test_workers_must_be_a_positive_count(tmp_path: Path) -> None:
-    result = run_cli("fmlab.table", f"sweep_dir={tmp_path}", "workers=0", cwd=tmp_path)
+    result = run_cli("fmlab.table", "table=methods2d", f"sweep_dir={tmp_path}", "workers=0", cwd=tmp_path)
     assert result.returncode == 2 and "workers=0 is not valid" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -199,12 +199,19 @@ def test_launches_skip_finished_sweeps_fill_in_partial_ones_and_run_fresh_ones_w
                 OmegaConf.create(["logger=csv", f"seed={seed}", f"method={method}"]),
                 run_dir / ".hydra" / "overrides.yaml",
             )
+    # half's seed-0 job was killed after its first checkpoint: it resumes instead of starting over its files
+    killed = tmp_path / "half" / "run0"
+    (killed / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(["logger=csv", "seed=0", "method=icfm"]), killed / ".hydra" / "overrides.yaml")
+    (killed / "checkpoints").mkdir()
+    (killed / "checkpoints" / "last.ckpt").write_bytes(b"")
     launches = {launch.label: launch.args for launch in pending_launches(table, tmp_path)}
     assert set(launches) == {"half_0", "new"}
     assert launches["half_0"] == [
         "logger=csv",
         "seed=0",
         "method=icfm",
+        f"ckpt_path={(killed / 'checkpoints' / 'last.ckpt').resolve()}",
         f"hydra.sweep.dir={tmp_path / 'half'}",
         "hydra.sweep.subdir='0_${method.name}_${data.target}_seed${seed}'",
     ]

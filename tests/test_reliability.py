@@ -1,0 +1,337 @@
+"""Nothing lost, nothing silently wrong: bad input ends in one line and leaves an existing run dir as it was; a
+finished run resumed only evaluates; SIGTERM during the final evaluation, concurrent runs, a full disk and a diverged
+model each end the way the README's reliability section says."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fmlab.callbacks import Evaluator
+from fmlab.data.images import DigitsDataModule, MNISTDataModule
+from fmlab.data.toy2d import Toy2DDataModule
+from fmlab.metrics.distances import mmd_rbf, wasserstein2
+from fmlab.module import FlowModule
+from fmlab.objectives import VelocityObjective
+from fmlab.paths import CondOT
+from fmlab.paths.path import AffinePath
+from fmlab.sampling import ODESolver, SolverError
+from fmlab.table import format_cell, mean_std
+from fmlab.train import optimized_value
+from fmlab.utils.errors import UserError
+from fmlab.utils.run_files import lock_run_dir, write_metrics
+from tests.conftest import REPO_ROOT, run_cli
+
+# 2 epochs of 100 steps; checkpoints at 100 and 200
+RUN = [
+    "trainer.max_steps=200",
+    "data.batches_per_epoch=100",
+    "data.num_eval_samples=300",
+    "eval.num_draws=2",
+    "eval.nll_samples=40",
+    "trainer.deterministic=true",
+    "logger=csv",
+]
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """Every file below `directory` (but the lock file) and its SHA-256."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ".fmlab.lock"
+    }
+
+
+def metrics_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def loss_history(run_dir: Path) -> list[tuple[int, str]]:
+    with (run_dir / "csv" / "metrics.csv").open() as handle:
+        return [(int(r["step"]), r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = run_cli("fmlab.train", *RUN, f"hydra.run.dir={run_dir}", cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def corrupt_cifar10(root: Path) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({b"labels": [0]}))  # a pickle without b"data"
+    return folder / "data_batch_1"
+
+
+def corrupt_mnist(root: Path) -> Path:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNISTDataModule.files:
+        (raw / name).write_bytes(b"\x00\x00\x08\x03" + (2).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"x")
+    return raw / "train-images-idx3-ubyte"  # says 2 images of 28x28, holds 1 byte
+
+
+def test_bad_inputs_end_in_one_line_and_leave_an_existing_run_dir_as_it_was(finished: Path, tmp_path: Path) -> None:
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+
+    def new(name: str) -> str:  # a run dir of its own for each case that gets past the checks (they run at once)
+        return f"hydra.run.dir={tmp_path / name}"
+
+    cifar, mnist = corrupt_cifar10(tmp_path / "cifar"), corrupt_mnist(tmp_path / "mnist")
+    resume = f"ckpt_path={finished}"
+    cases = [  # (entry point, arguments, what the one line must name)
+        ("train", [resume, "optimizer.lr=-1"], "optimizer.lr=-1 is invalid"),
+        ("train", [resume, "optimizer.lr=abc"], "optimizer.lr='abc' is invalid"),
+        ("train", [resume, "optimizer.lr=0"], "optimizer.lr=0 is invalid"),
+        ("train", [resume, "seed=abc"], "seed='abc' is invalid"),
+        ("train", [resume, "seed=-1"], "seed=-1 is invalid"),
+        ("train", [resume, "trainer.max_stepz=5"], "trainer.max_stepz is not a key"),
+        ("train", [resume, "method=ddpm"], "method.name: fm_ot in the checkpoint, ddpm now"),
+        ("train", [resume, "net.width=64"], "net.width: 128 in the checkpoint, 64 now"),
+        ("train", [resume, "optimizer.lr=1e-3"], "optimizer.lr: 0.002 in the checkpoint, 0.001 now"),
+        ("train", [resume, "trainer.max_steps=400"], "scheduler.T_max: 200 in the checkpoint, 400 now"),
+        ("train", [resume, "trainer.max_steps=50"], "at step 200, beyond trainer.max_steps=50"),
+        ("train", [f"hydra.run.dir={finished}", *RUN], f"hydra.run.dir={finished} already holds a run"),
+        ("train", [f"hydra.run.dir={finished}", "solver=ancestral"], "solver=ancestral does not fit"),
+        ("train", ["hydra.run.dir=/proc/fmlab-test/run"], "hydra.run.dir=/proc/fmlab-test/run cannot be used"),
+        ("train", ["data=cifar10", f"data.data_dir={tmp_path / 'cifar'}", new("c")], f"{cifar} is not a valid file"),
+        ("train", ["data=mnist", f"data.data_dir={tmp_path / 'mnist'}", new("m")], f"{mnist} is not a valid file"),
+        (
+            "evaluate",
+            [f"ckpt_path={empty_run}", new("e1")],
+            f"ckpt_path={empty_run} is a directory without checkpoints",
+        ),
+        ("evaluate", [resume, "solver=ancestral", new("e2")], "solver=ancestral does not fit"),
+        ("table", [f"sweep_dir={tmp_path / 'table'}"], "table is required; choose one of: cpu_small"),
+    ]
+    before = tree_digest(finished)
+
+    def run(case: tuple[str, list[str], str]) -> subprocess.CompletedProcess:
+        return run_cli(f"fmlab.{case[0]}", *case[1], cwd=tmp_path)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(run, cases))
+    for (entry, args, expected), result in zip(cases, results, strict=True):
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (entry, args, result.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("fmlab: error: "), (entry, args, result.stderr[-2000:])
+        assert expected in lines[0], (entry, args, lines[0])
+        assert "Traceback" not in result.stdout + result.stderr
+    assert tree_digest(finished) == before
+
+
+def test_resuming_a_finished_run_only_evaluates_and_keeps_its_results(finished: Path, tmp_path: Path) -> None:
+    before, history = metrics_of(finished), loss_history(finished)
+    result = run_cli("fmlab.train", f"ckpt_path={finished}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "finished training (step 200); evaluating it" in result.stdout
+    after = metrics_of(finished)
+    assert after.keys() >= before.keys() and after["steps"] == 200
+    for key in ("w2", "mmd", "nll", "nfe", "nll_nfe", "train_loss"):
+        assert after[key] == pytest.approx(before[key], rel=1e-9), key
+    assert after["config_digest"] == before["config_digest"]  # the same run
+    assert loss_history(finished) == history  # the loss history stays; nothing trained, nothing logged again
+
+
+def test_metrics_json_only_grows(tmp_path: Path) -> None:
+    write_metrics(tmp_path, {"w2": 0.2, "steps": 100, "nll": 1.5})
+    write_metrics(tmp_path, {"steps": 100, "eval_error": "cap"})
+    assert metrics_of(tmp_path) == {"w2": 0.2, "steps": 100, "nll": 1.5, "eval_error": "cap"}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left
+
+
+def test_sigterm_during_the_final_evaluation_exits_143_and_the_resumed_run_evaluates(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # a long final evaluation (16 draws of 2,000 dopri5 samples); the run signals itself 1 s after training
+    slow_eval = ["data.num_eval_samples=2000", "eval.num_draws=16"]
+    signal_late = "+callbacks.signal={_target_: tests.signals.SignalAfterTraining, delay: 1.0}"
+    args = [*RUN, *slow_eval, "callbacks.sample_logger=null", f"hydra.run.dir={run_dir}"]
+    started = time.monotonic()
+    killed = run_cli("fmlab.train", *args, signal_late, cwd=REPO_ROOT)
+    assert killed.returncode == 143, killed.stderr[-3000:]
+    assert "fmlab: SIGTERM" in killed.stdout and "is kept; resume with ckpt_path=" in killed.stdout
+    assert time.monotonic() - started < 60  # promptly, not after the 16 draws
+    assert not (run_dir / "metrics.json").exists()
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 200
+    resumed = run_cli("fmlab.train", f"ckpt_path={run_dir}", "eval.num_draws=1", cwd=REPO_ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = metrics_of(run_dir)
+    assert metrics["steps"] == 200 and math.isfinite(metrics["w2"]) and not metrics["diverged"]
+
+
+def test_a_second_run_in_a_held_run_dir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "fmlab.train",
+        "trainer.max_steps=100000",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / ".hydra" / "config.yaml").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = run_cli("fmlab.train", "trainer.max_steps=10", "logger=none", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert second.returncode == 2
+        line = second.stderr.strip()
+        assert line == (
+            f"fmlab: error: hydra.run.dir={run_dir} is in use by another fmlab run (pid {first.pid}); "
+            "wait for it to end or choose another run dir"
+        )
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    lock_run_dir(run_dir)  # the kernel released the killed run's lock
+
+
+def test_a_full_disk_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    full_disk = "+callbacks.full_disk={_target_: tests.signals.FileSizeLimitAt, step: 150, max_bytes: 100000}"
+    result = run_cli(
+        "fmlab.train", "trainer.max_steps=300", "data.batches_per_epoch=100", "logger=csv", "eval.nll_samples=0",
+        f"hydra.run.dir={run_dir}", full_disk, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"fmlab: error: could not write the checkpoint {run_dir / 'checkpoints'}/step0000200.ckpt")
+    assert "File too large" in line and "Traceback" not in result.stderr
+    files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert files == ["last.ckpt", "step0000100.ckpt"]  # no truncated step0000200.ckpt, no temp file
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 100
+
+
+def test_a_diverged_run_reports_nan_metrics_and_the_flag_never_a_perfect_score(tmp_path: Path) -> None:
+    result = run_cli(
+        "fmlab.train", "optimizer.lr=1000", "trainer.max_steps=100", "solver=euler", "solver.num_steps=5",
+        "data.num_eval_samples=200", "eval.num_draws=2", "eval.nll_samples=20", "callbacks.sample_logger=null",
+        "logger=none", f"hydra.run.dir={tmp_path}", cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = metrics_of(tmp_path)
+    assert metrics["diverged"] is True and metrics["nonfinite_samples"] > 0
+    for key in ("w2", "mmd", "nll"):
+        assert math.isnan(metrics[key]), key
+    assert math.isnan(optimized_value(json_config("w2"), metrics))  # what an Optuna search minimises
+    assert format_cell([metrics, {"w2": 0.2}], "w2") == "NaN (1 of 2 runs diverged)"
+    assert all(math.isnan(v) for v in mean_std([metrics["w2"], 0.2]))  # the table's CSV
+
+
+def json_config(optimized_metric: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"optimized_metric": optimized_metric})
+
+
+def test_one_non_finite_sample_makes_w2_and_mmd_nan() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 2), torch.randn(200, 2)
+    assert wasserstein2(x, y) > 0 and math.isfinite(mmd_rbf(x, y))
+    for bad in (math.inf, math.nan):
+        x_bad = x.clone()
+        x_bad[17, 1] = bad
+        assert math.isnan(wasserstein2(x_bad, y)) and math.isnan(mmd_rbf(x_bad, y))
+
+
+class ExplodedNet(nn.Module):
+    """A net whose output is infinite on a few rows: what a diverged model generates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = self.scale * x
+        out[:3] = math.inf
+        return out
+
+
+@pytest.mark.parametrize("data", ["moons", "digits"])
+def test_evaluator_flags_non_finite_samples_for_points_and_images(data: str, tmp_path: Path) -> None:
+    path = AffinePath(CondOT())
+    module = FlowModule(ExplodedNet(), path, VelocityObjective())
+    if data == "moons":
+        datamodule, metric = Toy2DDataModule("moons", num_eval_samples=200), "w2"
+    else:
+        datamodule, metric = DigitsDataModule(num_eval_samples=200), "fid"
+    evaluator = Evaluator(ODESolver("euler", num_steps=2), 200, num_draws=2, nll_samples=0,
+                          fid={"cache_dir": str(tmp_path)})  # fmt: skip
+    results = evaluator.evaluate(module, datamodule)
+    assert results["diverged"] is True and results["nonfinite_samples"] == 2 * 3
+    assert math.isnan(results[metric]) and all(math.isnan(v) for v in results[f"{metric}_draws"])
+
+
+def test_adaptive_solvers_stop_at_max_nfe_with_one_line() -> None:
+    solver = ODESolver("dopri5", atol=1e-9, rtol=1e-9, max_nfe=60)
+    stiff = lambda t, x: -1e4 * (x - torch.cos(t))  # noqa: E731
+    with pytest.raises(SolverError, match=r"solver.max_nfe=60 reached: ODESolver\(dopri5"):
+        solver.integrate(stiff, torch.ones(4, 2), 0.0, 1.0)
+    relaxed = ODESolver("dopri5", atol=1e-3, rtol=1e-3, max_nfe=10_000)
+    assert relaxed.integrate(lambda t, x: -x, torch.ones(4, 2), 0.0, 1.0) == pytest.approx(math.exp(-1), rel=1e-2)
+    with pytest.raises(UserError, match="solver.max_nfe=0 is invalid"):
+        ODESolver("dopri5", max_nfe=0)
+
+
+@pytest.mark.slow  # ~40 s: an exploded model trained for real, and dopri5 against the cap
+def test_an_exploded_model_stops_at_the_cap_with_its_checkpoint_and_metrics(tmp_path: Path) -> None:
+    result = run_cli(
+        "fmlab.train", "optimizer.lr=10", "trainer.max_steps=300", "solver.max_nfe=2000", "logger=csv",
+        "data.num_eval_samples=200", "eval.num_draws=1", "eval.nll_samples=20", f"hydra.run.dir={tmp_path}",
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("fmlab: error: solver.max_nfe=2000 reached") and "diverged" in line
+    metrics = metrics_of(tmp_path)
+    assert metrics["steps"] == 300 and metrics["diverged"] is True and "max_nfe=2000" in metrics["eval_error"]
+    assert metrics["train_loss"] > 1e6
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 300
+
+
+def test_wandb_disabled_writes_no_run_and_a_rejected_key_falls_back_to_offline(tmp_path: Path) -> None:
+    short = ["trainer.max_steps=20", "data.num_eval_samples=100", "eval.num_draws=1", "eval.nll_samples=0",
+             "callbacks.sample_logger=null"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    disabled = subprocess.run(
+        [sys.executable, "-m", "fmlab.train", *short, "logger=many", f"hydra.run.dir={tmp_path / 'disabled'}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert disabled.returncode == 0, disabled.stderr[-3000:]
+    assert not (tmp_path / "disabled" / "wandb").exists() and (tmp_path / "disabled" / "csv").is_dir()
+    # a well-formed key the service rejects or cannot check: here a closed local port answers for the service
+    env = {**env, "WANDB_MODE": "online", "WANDB_API_KEY": "0123456789abcdef" * 2 + "01234567",
+           "WANDB_BASE_URL": "http://127.0.0.1:9"}  # fmt: skip
+    started = time.monotonic()
+    rejected = subprocess.run(
+        [sys.executable, "-m", "fmlab.train", *short, "logger=wandb", "logger.wandb.init_timeout=5",
+         f"hydra.run.dir={tmp_path / 'rejected'}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert rejected.returncode == 0, rejected.stderr[-3000:]
+    assert "fmlab: W&B could not start online" in rejected.stderr and "logging offline instead" in rejected.stderr
+    assert list((tmp_path / "rejected").glob("wandb/offline-run-*/run-*.wandb"))
+    assert time.monotonic() - started < 100
