@@ -236,7 +236,11 @@ def test_a_diverged_run_reports_nan_metrics_and_the_flag_never_a_perfect_score(t
     assert metrics["diverged"] is True and metrics["nonfinite_samples"] > 0
     for key in ("w2", "mmd", "nll"):
         assert math.isnan(metrics[key]), key
-    assert math.isnan(optimized_value(json_config("w2"), metrics))  # what an Optuna search minimises
+    # what a sweep optimises: the worst value for its direction, never the diverged run's look-alike score
+    assert optimized_value(json_config("w2"), metrics, "minimize") == math.inf
+    assert optimized_value(json_config("w2"), metrics, "maximize") == -math.inf
+    assert math.isnan(optimized_value(json_config("w2"), metrics))
+    assert optimized_value(json_config("w2"), {"w2": 0.3, "diverged": False}, "minimize") == 0.3
     assert format_cell([metrics, {"w2": 0.2}], "w2") == "NaN (1 of 2 runs diverged)"
     assert all(math.isnan(v) for v in mean_std([metrics["w2"], 0.2]))  # the table's CSV
 

@@ -331,22 +331,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
-    """The metric a sweeper minimises: NaN for a diverged run or one whose evaluation failed (Optuna records such
-    a trial as failed), never a number that would look good."""
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any], direction: str | None = None) -> float | None:
+    """The metric a sweeper optimises. A diverged run, or one whose evaluation failed, gets the worst value for
+    `direction` (+inf when minimising, -inf when maximising; NaN when unknown), never a number that looks good:
+    Optuna ranks such a trial last and the search goes on."""
     name = cfg.get("optimized_metric")
     if not name:
         return None
     value = metrics.get(name)
-    if metrics.get("diverged") or not isinstance(value, int | float):
-        return math.nan
-    return float(value)
+    if not metrics.get("diverged") and isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return {"minimize": math.inf, "maximize": -math.inf}.get(str(direction).lower(), math.nan)
+
+
+def sweeper_direction() -> str | None:
+    """`hydra.sweeper.direction` of the running sweep (Optuna's), if any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    direction = (HydraConfig.get().get("sweeper") or {}).get("direction")
+    return direction if isinstance(direction, str) else None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 @exit_on_user_error
 def hydra_main(cfg: DictConfig) -> float | None:
-    return optimized_value(cfg, train(cfg))
+    return optimized_value(cfg, train(cfg), sweeper_direction())
 
 
 def resume_arguments(args: list[str], runs_dir: Path = Path("outputs/train/runs")) -> list[str]:
