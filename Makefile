@@ -37,7 +37,7 @@ format: $(STAMP)  ## Apply ruff's fixes and formatting
 	$(BIN)/ruff format src tests
 
 bench: $(STAMP)  ## Benchmark: ratios against bare PyTorch / torchdiffeq loops, measured side by side
-	$(BIN)/python -m fmlab.bench $(ARGS)
+	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 clean:  ## Remove caches (keeps .venv and outputs/)
 	rm -rf .pytest_cache .ruff_cache src/*.egg-info

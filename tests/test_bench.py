@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from fmlab.bench import TimedBatches, compare, scalar_step_seconds
+from benchmarks.bench import TimedBatches, compare, scalar_step_seconds
 
 
 def test_training_rows_pair_every_chunk_of_fmlab_with_a_chunk_of_the_bare_loop() -> None:

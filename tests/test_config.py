@@ -8,8 +8,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from fmlab.callbacks import build_callbacks
 from fmlab.module import FlowModule
-from fmlab.train import build_callbacks, build_module
 from fmlab.utils.cli import CONFIG_DIR, group_options
 from fmlab.utils.config import instantiate_each
 from tests.image_fixtures import WRITERS
@@ -55,7 +55,7 @@ def test_option_composes_and_instantiates(group: str, option: str, train_config,
     cfg = train_config(*overrides)
     datamodule = instantiate(cfg.data)
     with torch.device("meta"):  # every constructor runs, without the memory and random init of 150M+ parameters
-        module = build_module(cfg)
+        module = FlowModule.from_config(cfg)
     assert isinstance(module, FlowModule)
     assert datamodule.data_shape == tuple(cfg.data.shape)
     if cfg.net._target_.endswith("UNet"):
@@ -80,13 +80,13 @@ def test_method_presets_set_their_components(train_config) -> None:
         "sbcfm": ("Linear", "bridge", "MinibatchOTCoupling"),
     }
     for method, (schedule, smoothing, coupling) in expected.items():
-        module = build_module(train_config(f"method={method}"))
+        module = FlowModule.from_config(train_config(f"method={method}"))
         assert type(module.path.schedule).__name__ == schedule, method
         assert module.path.smoothing == smoothing and type(module.coupling).__name__ == coupling, method
 
 
 def test_command_line_group_choices_override_the_method_preset(train_config) -> None:
-    module = build_module(train_config("method=fm_vp", "schedule=vp_cosine"))
+    module = FlowModule.from_config(train_config("method=fm_vp", "schedule=vp_cosine"))
     assert type(module.path.schedule).__name__ == "VPCosine"
-    module = build_module(train_config("path=vp"))
+    module = FlowModule.from_config(train_config("path=vp"))
     assert type(module.path.schedule).__name__ == "VPLinear"

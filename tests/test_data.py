@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from fmlab.data.toy2d import DISTRIBUTIONS, Toy2DDataModule, get_distribution, seeded_generator
-from fmlab.utils.errors import UserError
+from fmlab.data.toy2d import DISTRIBUTIONS, Toy2DDataModule, get_distribution
+from fmlab.errors import UserError
+from fmlab.seeding import seeded_generator
 
 
 @pytest.mark.parametrize("name", DISTRIBUTIONS)

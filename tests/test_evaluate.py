@@ -47,7 +47,7 @@ def evaluate(run_dir: Path, out: Path, *overrides: str) -> dict:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     return {
-        "moons": train_run(root / "moons", "eval.every_n_steps=100"),
+        "moons": train_run(root / "moons", "callbacks.evaluator.every_n_steps=100"),
         "digits": train_run(root / "digits", "data=digits"),
     }
 

@@ -12,9 +12,9 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 
 from fmlab.data.images import DigitsDataModule, bin_centers
+from fmlab.errors import UserError
 from fmlab.metrics.digits_classifier import DigitsFeatures, accuracy
 from fmlab.metrics.fid import build_fid, inception_cache_path, reference_statistics
-from fmlab.utils.errors import UserError
 
 
 def fid_of(metric, prepare, real, fake) -> float:

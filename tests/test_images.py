@@ -15,7 +15,7 @@ from fmlab.data.images import (
     dequantize,
     quantize,
 )
-from fmlab.utils.errors import UserError
+from fmlab.errors import UserError
 from tests.image_fixtures import write_cifar10, write_imagenet, write_mnist
 
 
@@ -90,11 +90,14 @@ def test_missing_files_stop_with_one_line_naming_them(tmp_path: Path) -> None:
 def test_a_short_digits_unet_run_reaches_a_fid_far_below_the_untrained_nets(train_config) -> None:
     from hydra.utils import instantiate
 
-    from fmlab.train import build_module, train
+    from fmlab.module import FlowModule
+    from fmlab.train import train
 
     overrides = ["experiment=digits_fm_ot", "logger=none", "trainer.max_steps=1000", "eval.nll_samples=0"]
     cfg = train_config(*overrides, "callbacks.sample_logger=null")
     torch.manual_seed(cfg.seed)
-    untrained = instantiate(cfg.eval).evaluate(build_module(cfg), instantiate(cfg.data))["fid"]
+    untrained = instantiate(cfg.eval).evaluate(FlowModule.from_config(cfg).velocity_field(), instantiate(cfg.data))[
+        "fid"
+    ]
     metrics = train(cfg)
     assert metrics["fid"] < 0.25 * untrained, (metrics["fid"], untrained)

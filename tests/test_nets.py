@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fmlab.errors import UserError
 from fmlab.nets import MLP, UNet
-from fmlab.utils.errors import UserError
 
 
 def test_mlp_maps_time_and_points_to_vectors_of_the_same_shape() -> None:

@@ -40,7 +40,7 @@ def test_scoreflow_times_are_uniform_in_log_snr() -> None:
 
 
 def test_scoreflow_refuses_a_path_without_finite_log_snr() -> None:
-    from fmlab.utils.errors import UserError
+    from fmlab.errors import UserError
 
     with pytest.raises(UserError, match="finite log-SNR"):
         ScoreLikelihoodObjective().sample_time(AffinePath(CondOT(1e-4)), 4, None, F64)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fmlab.errors import UserError
 from fmlab.optim import warmup_polynomial, warmup_polynomial_factor
-from fmlab.utils.errors import UserError
 from fmlab.utils.performance import configure_throughput
 
 

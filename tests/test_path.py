@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchdiffeq import odeint
 
+from fmlab.errors import UserError
 from fmlab.paths import AffinePath, CondOT, Linear, VEGeometric, VPLinear
-from fmlab.utils.errors import UserError
 
 PATHS = {
     "ot": AffinePath(CondOT(1e-4)),

@@ -21,19 +21,19 @@ import pytest
 import torch
 from torch import nn
 
-from fmlab.callbacks import Evaluator
 from fmlab.data.images import DigitsDataModule, MNISTDataModule
 from fmlab.data.toy2d import Toy2DDataModule
+from fmlab.errors import UserError
+from fmlab.evaluation import Evaluator
 from fmlab.metrics.distances import mmd_rbf, wasserstein2
 from fmlab.module import FlowModule
 from fmlab.objectives import VelocityObjective
 from fmlab.paths import CondOT
 from fmlab.paths.path import AffinePath
+from fmlab.runs import lock_run_dir, write_metrics
 from fmlab.sampling import ODESolver, SolverError
 from fmlab.table import format_cell, mean_std
 from fmlab.train import optimized_value
-from fmlab.utils.errors import UserError
-from fmlab.utils.run_files import lock_run_dir, write_metrics
 from tests.conftest import REPO_ROOT, run_cli
 
 # 2 epochs of 100 steps; checkpoints at 100 and 200
@@ -284,7 +284,7 @@ def test_evaluator_flags_non_finite_samples_for_points_and_images(data: str, tmp
         datamodule, metric = DigitsDataModule(num_eval_samples=200), "fid"
     evaluator = Evaluator(ODESolver("euler", num_steps=2), 200, num_draws=2, nll_samples=0,
                           fid={"cache_dir": str(tmp_path)})  # fmt: skip
-    results = evaluator.evaluate(module, datamodule)
+    results = evaluator.evaluate(module.velocity_field(), datamodule)
     assert results["diverged"] is True and results["nonfinite_samples"] == 2 * 3
     assert math.isnan(results[metric]) and all(math.isnan(v) for v in results[f"{metric}_draws"])
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmlab.evaluate import restore
-from fmlab.utils.errors import UserError
-from fmlab.utils.wandb_files import read_run, run_files
+from fmlab.errors import UserError
+from fmlab.runs import load_run
 from tests.conftest import REPO_ROOT, run_cli
+from tests.wandb_files import read_run, run_files
 
 # 3 epochs of 200 steps; checkpoints at every epoch end
 RUN = [
@@ -116,11 +116,12 @@ def test_checkpoints_without_the_stored_config_load_from_their_run_dir(unbroken,
     (old_run / "checkpoints").mkdir(parents=True)
     torch.save(checkpoint, old_run / "checkpoints" / "last.ckpt")
     with pytest.raises(UserError, match="carries no fmlab config and .*config.yaml does not exist"):
-        restore(old_run / "checkpoints" / "last.ckpt")
+        load_run(old_run / "checkpoints" / "last.ckpt")
     (old_run / ".hydra").mkdir()
     (old_run / ".hydra" / "config.yaml").write_text((unbroken / ".hydra" / "config.yaml").read_text())
-    module, _, net, _, step = restore(old_run / "checkpoints" / "last.ckpt")
-    assert step == 600 and sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in module.net.parameters())
+    run = load_run(old_run / "checkpoints" / "last.ckpt")
+    assert run.step == 600
+    assert sum(p.numel() for p in run.net.parameters()) == sum(p.numel() for p in run.module.net.parameters())
 
 
 def test_incompatible_and_corrupt_checkpoints_fail_in_one_line(unbroken, tmp_path: Path) -> None:
@@ -129,11 +130,11 @@ def test_incompatible_and_corrupt_checkpoints_fail_in_one_line(unbroken, tmp_pat
     wrong = tmp_path / "wrong.ckpt"
     torch.save(checkpoint, wrong)
     with pytest.raises(UserError, match="does not match the net its config builds"):
-        restore(wrong)
+        load_run(wrong)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes((unbroken / "checkpoints" / "last.ckpt").read_bytes()[:1000])
     with pytest.raises(UserError, match="is not a readable checkpoint"):
-        restore(truncated)
+        load_run(truncated)
     result = run_cli("fmlab.train", f"ckpt_path={tmp_path / 'no_run'}", cwd=REPO_ROOT)
     assert result.returncode == 2 and "does not exist" in result.stderr
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from fmlab.errors import UserError
 from fmlab.objectives import VelocityObjective
 from fmlab.paths import AffinePath, CondOT
 from fmlab.sampling import ADAPTIVE_METHODS, FIXED_STEP_METHODS, ODESolver, VelocityField, sample
-from fmlab.utils.errors import UserError
 
 STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "heun3": 3, "rk4": 4}
 

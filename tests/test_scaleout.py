@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fmlab.utils.cli import CONFIG_DIR
-from fmlab.utils.wandb_files import read_run, run_files
 from tests.conftest import REPO_ROOT, run_cli
+from tests.wandb_files import read_run, run_files
 
 TINY = ["trainer.max_steps=80", "data.num_eval_samples=300", "eval.num_draws=1", "eval.nll_samples=40"]
 

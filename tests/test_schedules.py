@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from fmlab.errors import UserError
 from fmlab.paths import CondOT, Linear, VEGeometric, VPCosine, VPLinear
-from fmlab.utils.errors import UserError
 
 SCHEDULES = {
     "condot": CondOT(sigma_min=1e-2),

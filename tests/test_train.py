@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmlab.callbacks import Evaluator
 from fmlab.data.toy2d import Toy2DDataModule
+from fmlab.evaluation import Evaluator
 from fmlab.likelihood import gaussian_log_prob
 from fmlab.module import FlowModule
 from fmlab.sampling import ODESolver
-from fmlab.train import build_module, train
+from fmlab.train import train
 from tests.conftest import REPO_ROOT, run_cli
 
 METRICS_KEYS = {"w2", "w2_floor", "nfe", "train_seconds", "steps", "method", "data", "seed", "config_digest"}
@@ -22,9 +22,11 @@ METRICS_KEYS = {"w2", "w2_floor", "nfe", "train_seconds", "steps", "method", "da
 
 def untrained_w2(cfg) -> float:
     torch.manual_seed(cfg.seed)
-    module = build_module(cfg)
+    module = FlowModule.from_config(cfg)
     datamodule = Toy2DDataModule(cfg.data.target, cfg.data.source, num_eval_samples=cfg.data.num_eval_samples)
-    return Evaluator(ODESolver("dopri5"), cfg.data.num_eval_samples, num_draws=1).evaluate(module, datamodule)["w2"]
+    return Evaluator(ODESolver("dopri5"), cfg.data.num_eval_samples, num_draws=1).evaluate(
+        module.velocity_field(), datamodule
+    )["w2"]
 
 
 def test_short_fm_ot_run_beats_untrained_net_and_writes_its_files(train_config, tmp_path: Path) -> None:
@@ -48,7 +50,7 @@ def test_short_fm_ot_run_beats_untrained_net_and_writes_its_files(train_config, 
     assert (tmp_path / "samples.png").stat().st_size > 10_000
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 1500 and any("EMA" in key for key in checkpoint["callbacks"])
-    restored = build_module(cfg)
+    restored = FlowModule.from_config(cfg)
     restored.load_state_dict(checkpoint["state_dict"])
     assert isinstance(restored, FlowModule)
 

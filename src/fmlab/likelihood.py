@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fmlab.errors import choices_error
 from fmlab.sampling import ODESolver, VelocityField
-from fmlab.utils.errors import choices_error
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -14,8 +14,16 @@ from fmlab.paths.couplings import IndependentCoupling
 from fmlab.paths.path import AffinePath
 from fmlab.sampling import VelocityField
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
+
+
+def net_parameters(net: nn.Module) -> int:
+    """How many numbers the net learns."""
+    return sum(p.numel() for p in net.parameters())
 
 
 class FlowModule(L.LightningModule):
@@ -45,6 +53,25 @@ class FlowModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self._loss_sum = torch.zeros(())
         self._loss_count = 0
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> FlowModule:
+        """The system a run's config describes: `net` (with the `performance` switches), `path`, `objective`,
+        `coupling`, `optimizer`, `scheduler`."""
+        from hydra.utils import instantiate
+
+        from fmlab.utils.performance import configure_throughput
+
+        net = configure_throughput(instantiate(cfg.net), **(cfg.get("performance") or {}))
+        return cls(
+            net=net,
+            path=instantiate(cfg.path),
+            objective=instantiate(cfg.objective),
+            coupling=instantiate(cfg.coupling),
+            optimizer=instantiate(cfg.optimizer),
+            scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+            scheduler_interval=cfg.scheduler_interval,
+        )
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         return self.net(t, x)

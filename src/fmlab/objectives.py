@@ -12,8 +12,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
+from fmlab.errors import UserError
 from fmlab.paths.path import AffinePath
-from fmlab.utils.errors import UserError
 
 
 class Objective(ABC):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fmlab.utils.errors import UserError
+from fmlab.errors import UserError
 
 
 def warmup_polynomial_factor(step: int, warmup_steps: int, total_steps: int, power: float = 1.0) -> float:

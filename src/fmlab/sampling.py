@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
+from fmlab.errors import UserError, choices_error
 from fmlab.objectives import Objective
 from fmlab.paths.path import AffinePath
-from fmlab.utils.errors import UserError, choices_error
 
 FIXED_STEP_METHODS = {
     "euler": "euler",

@@ -27,9 +27,9 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from fmlab.errors import UserError, exit_on_user_error
+from fmlab.runs import METRICS_FILE
 from fmlab.utils.cli import CONFIG_DIR, check_group_choices, run_entry_point
-from fmlab.utils.errors import UserError, exit_on_user_error
-from fmlab.utils.run_files import METRICS_FILE
 from fmlab.utils.sweep_summary import job_overrides
 
 NOT_RUN = "not run"

@@ -18,8 +18,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fmlab import __version__
+from fmlab.errors import UserError, exit_on_user_error
 from fmlab.utils.cli import CONFIG_DIR, run_entry_point
-from fmlab.utils.errors import UserError, exit_on_user_error
 
 if TYPE_CHECKING:  # torch and Lightning load inside `train`, so a bad command line fails in well under a second.
     import lightning as L
@@ -98,7 +98,7 @@ def resume_conflicts(stored: dict[str, Any], cfg: DictConfig) -> list[tuple[str,
 def check_resume(cfg: DictConfig) -> None:
     """A resumed run continues the checkpoint's run: refuse settings it would ignore or could not load, and a
     checkpoint already past `trainer.max_steps`."""
-    from fmlab.utils.run_files import CHECKPOINT_KEY, load_checkpoint
+    from fmlab.runs import CHECKPOINT_KEY, load_checkpoint
 
     if not Path(cfg.ckpt_path).is_file():
         raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist; give the path of a .ckpt file or a run dir")
@@ -132,8 +132,8 @@ def check_new_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 def preflight(cfg: DictConfig, args: list[str]) -> None:
     """Before Hydra writes into the run dir: the config's values, the run dir (writable, not another run's, not in
     use), all in one line on failure. Then the run dir stays locked for this process."""
+    from fmlab.runs import is_launching_process, lock_run_dir
     from fmlab.utils.cli import check_writable, run_dir_override
-    from fmlab.utils.run_files import is_launching_process, lock_run_dir
 
     validate_config(cfg)
     run_dir = run_dir_override(args)
@@ -146,47 +146,6 @@ def preflight(cfg: DictConfig, args: list[str]) -> None:
         lock_run_dir(run_dir)
 
 
-def build_module(cfg: DictConfig) -> FlowModule:
-    from hydra.utils import instantiate
-
-    from fmlab.module import FlowModule
-    from fmlab.utils.performance import configure_throughput
-
-    performance = cfg.get("performance") or {}
-    net = configure_throughput(instantiate(cfg.net), **performance)
-    return FlowModule(
-        net=net,
-        path=instantiate(cfg.path),
-        objective=instantiate(cfg.objective),
-        coupling=instantiate(cfg.coupling),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        scheduler_interval=cfg.scheduler_interval,
-    )
-
-
-def build_callbacks(cfg: DictConfig) -> list[Callback]:
-    """The configured callbacks, plus the ones every run needs: the resolved config in every checkpoint, per-step
-    seeds and a checkpoint on SIGTERM (exact resume), and a one-line stop on a non-finite loss."""
-    from fmlab.callbacks.resume import CheckpointOnSigterm, StepSeed, StopOnNonFiniteLoss
-    from fmlab.callbacks.run_config import RunConfigInCheckpoint
-    from fmlab.utils.config import instantiate_each
-
-    config = OmegaConf.to_container(cfg, resolve=True)
-    return [
-        *instantiate_each(cfg.get("callbacks")),
-        RunConfigInCheckpoint(config),
-        StepSeed(cfg.seed),
-        CheckpointOnSigterm(),
-        StopOnNonFiniteLoss(),
-    ]
-
-
-def net_parameters(net: Any) -> int:
-    """How many numbers the net learns."""
-    return sum(p.numel() for p in net.parameters())
-
-
 def run_metrics(
     cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback], evaluation: dict[str, Any]
 ) -> dict[str, Any]:
@@ -194,7 +153,8 @@ def run_metrics(
     import torch
     from lightning.pytorch.callbacks import Timer
 
-    from fmlab.utils.run_files import config_digest
+    from fmlab.module import net_parameters
+    from fmlab.runs import config_digest
 
     metrics: dict[str, Any] = {
         "method": cfg.method.name,
@@ -224,7 +184,7 @@ def run_metrics(
 def continue_wandb_run(cfg: DictConfig, checkpoint: dict[str, Any]) -> None:
     """When resuming, log into the W&B run the checkpoint names (its id is stored by RunConfigInCheckpoint)."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
-    from fmlab.utils.run_files import CHECKPOINT_KEY
+    from fmlab.runs import CHECKPOINT_KEY
 
     run_id = checkpoint.get(CHECKPOINT_KEY, {}).get("wandb_id")
     if wandb_cfg and run_id:
@@ -261,13 +221,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
 
-    from fmlab.callbacks import Evaluator
+    from fmlab.callbacks import PeriodicEvaluation, build_callbacks
     from fmlab.callbacks.resume import SIGTERM_EXIT_STATUS, AtomicCheckpointIO
     from fmlab.distributed import end_process_group
+    from fmlab.module import FlowModule, net_parameters
+    from fmlab.runs import is_launching_process, load_checkpoint, lock_run_dir, write_metrics
     from fmlab.sampling import SolverError
     from fmlab.utils.config import instantiate_each
     from fmlab.utils.loggers import finish_wandb, keep_history_before, log_final_metrics
-    from fmlab.utils.run_files import is_launching_process, load_checkpoint, lock_run_dir, write_metrics
 
     output_dir = Path(cfg.paths.output_dir)
     if is_launching_process():
@@ -275,7 +236,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_new_run_dir(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    module = build_module(cfg)
+    module = FlowModule.from_config(cfg)
     source = getattr(datamodule, "source", "gaussian")
     if module.objective.needs_gaussian_source and source != "gaussian":
         raise UserError(
@@ -295,7 +256,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         keep_history_before(loggers, resume_step)
     plugins = [AtomicCheckpointIO()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
-    evaluator = next((c for c in callbacks if isinstance(c, Evaluator)), None)
+    evaluator = next((c for c in callbacks if isinstance(c, PeriodicEvaluation)), None)
     metrics: dict[str, Any] = {}
     try:
         for logger in loggers:
@@ -360,35 +321,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return optimized_value(cfg, train(cfg), sweeper_direction())
 
 
-def resume_arguments(args: list[str], runs_dir: Path = Path("outputs/train/runs")) -> list[str]:
-    """`ckpt_path=<run dir>` or `ckpt_path=last` (the newest run under `runs_dir` with a checkpoint) resumes that
-    run in place: its own overrides first, then the given ones, its last.ckpt, and its run dir as Hydra's.
-    A `ckpt_path=<file>` starts a new run dir from that checkpoint."""
-    from fmlab.utils.run_files import run_checkpoint
-
-    values = [a.split("=", 1)[1] for a in args if a.startswith("ckpt_path=")]
-    if not values or (values[-1] != "last" and not Path(values[-1]).is_dir()):
-        return args
-    if values[-1] == "last":
-        candidates = sorted(p.parent.parent for p in runs_dir.glob("*/checkpoints/last.ckpt"))
-        if not candidates:
-            raise UserError(f"ckpt_path=last found no run with checkpoints/last.ckpt under {runs_dir}")
-        run_dir = candidates[-1]
-    else:
-        run_dir = Path(values[-1])
-    checkpoint = run_checkpoint(run_dir)
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    original = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
-    keep = [o for o in original if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
-    given = [a for a in args if not a.startswith("ckpt_path=")]
-    print(f"fmlab: resuming {run_dir} from {checkpoint.resolve().name}", flush=True)
-    return [*keep, *given, f"ckpt_path={checkpoint.resolve()}", f"hydra.run.dir={run_dir}"]
-
-
 def main() -> None:
     import sys
 
     if "LOCAL_RANK" not in os.environ:  # DDP ranks > 0 are started with the resolved arguments already
+        from fmlab.runs import resume_arguments
+
         sys.argv[1:] = exit_on_user_error(resume_arguments)(sys.argv[1:])
     run_entry_point(hydra_main, "train", preflight)
 

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from fmlab.utils.errors import UserError
+from fmlab.errors import UserError
 
 
 class EMA(L.Callback):

@@ -14,9 +14,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fmlab.data.toy2d import stream_seed
-from fmlab.utils.errors import UserError
-from fmlab.utils.run_files import write_atomically
+from fmlab.errors import UserError
+from fmlab.runs import write_atomically
+from fmlab.seeding import stream_seed
 
 SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 

@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 
 from fmlab import __version__
-from fmlab.utils.run_files import CHECKPOINT_KEY
+from fmlab.runs import CHECKPOINT_KEY
 
 # bump when what a checkpoint holds changes in a way older code cannot read
 CHECKPOINT_FORMAT = 1

@@ -10,8 +10,8 @@ import matplotlib.pyplot as plt  # no backend forced: headless runs get Agg, not
 from torch import Tensor
 
 from fmlab.callbacks.ema import sampling_net
+from fmlab.runs import write_atomically
 from fmlab.sampling import ODEResult, ODESolver, sample
-from fmlab.utils.run_files import write_atomically
 
 
 def plot_2d_samples(data: Tensor, result: ODEResult, num_trajectories: int, title: str):

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from fmlab.data.toy2d import seeded_generator
-from fmlab.utils.errors import UserError, first_detail
+from fmlab.errors import UserError, first_detail
+from fmlab.seeding import seeded_generator
 
 
 def dequantize(levels: Tensor, num_levels: int, noise: Tensor) -> Tensor:
@@ -239,7 +239,7 @@ class DownsampledImageNetDataModule(ImageDataModule):
 
     def __init__(self, *args, resolution: int = 32, **kwargs) -> None:
         if resolution not in (32, 64):
-            from fmlab.utils.errors import choices_error
+            from fmlab.errors import choices_error
 
             raise choices_error("data.resolution", resolution, (32, 64))
         self.name, self.data_shape = f"imagenet{resolution}", (3, resolution, resolution)

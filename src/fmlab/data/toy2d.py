@@ -11,12 +11,12 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from fmlab.utils.errors import UserError, choices_error
+from fmlab.errors import UserError, choices_error
+from fmlab.seeding import seeded_generator
 
 Sampler = Callable[[int, torch.Generator], Tensor]
 
@@ -127,16 +127,6 @@ def get_distribution(name: str, role: str = "data.target") -> Sampler:
     return DISTRIBUTIONS[name]
 
 
-def stream_seed(seed: int, stream: str, *index: int) -> int:
-    """A 63-bit seed for one named random stream, independent across (seed, stream, index...)."""
-    words = [int(seed) & 0xFFFFFFFF, *[ord(c) for c in stream], *[int(i) for i in index]]
-    return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def seeded_generator(seed: int, stream: str, *index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(stream_seed(seed, stream, *index))
-
-
 class PairStream(IterableDataset):
     """An endless stream of (x0, x1) batches cut into epochs of `batches_per_epoch` batches.
 
@@ -172,7 +162,9 @@ class PairStream(IterableDataset):
 
 
 class Toy2DDataModule(L.LightningDataModule):
-    """(source → target) 2D data: training pairs, plus fixed held-out sets for evaluation."""
+    """(source → target) 2D data: training pairs, plus fixed held-out sets for evaluation (`EvaluationData`)."""
+
+    is_image = False
 
     def __init__(
         self,

@@ -1,16 +1,12 @@
 """A small CNN classifier of the 8×8 digits whose penultimate layer is the feature space of the digits FID.
 
 Inception features mean little on 8×8 greyscale images, so small-data FID uses this net instead (the same Fréchet
-distance, other features). Retrain and overwrite the committed weights with
-
-    python -m fmlab.metrics.digits_classifier
-
-which trains on the training split only and prints the test accuracy (quoted in the README).
+distance, other features). The committed weights were trained by `scripts/train_digits_classifier.py` on the
+training split only; it prints the test accuracy (quoted in the README).
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -72,42 +68,3 @@ class DigitsFeatures(nn.Module):
 def accuracy(model: DigitsClassifier, images: Tensor, labels: Tensor) -> float:
     with torch.no_grad():
         return (model(images).argmax(1) == labels).float().mean().item()
-
-
-def train_classifier(epochs: int = 60, batch_size: int = 64, lr: float = 1e-3, seed: int = 0):
-    """Train on the digits training split (fresh dequantisation noise every batch); returns (model, test accuracy)
-    with the test images at their bin centres."""
-    from fmlab.data.images import DigitsDataModule, bin_centers, dequantize
-
-    torch.manual_seed(seed)
-    data = DigitsDataModule()
-    (train_labels, test_labels), levels = data.labels(), data.num_levels
-    model = DigitsClassifier()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(epochs):
-        order = torch.randperm(len(data.train_levels))
-        for batch in order.split(batch_size):
-            k = data.train_levels[batch]
-            x = dequantize(k, levels, torch.rand(k.shape))
-            loss = nn.functional.cross_entropy(model(x), train_labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    return model, accuracy(model, bin_centers(data.test_levels, levels), test_labels)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Train the digits FID feature classifier and save its weights.")
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=WEIGHTS_PATH)
-    args = parser.parse_args()
-    model, test_accuracy = train_classifier(epochs=args.epochs, seed=args.seed)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "test_accuracy": test_accuracy}, args.output)
-    print(f"digits classifier: test accuracy {test_accuracy:.4f} (360 held-out images); weights -> {args.output}")
-
-
-if __name__ == "__main__":
-    main()

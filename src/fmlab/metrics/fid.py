@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-from fmlab.utils.errors import UserError, choices_error
+from fmlab.errors import UserError, choices_error
 
 FEATURES = ("inception", "digits")
 INCEPTION_DIMS = (64, 192, 768, 2048)

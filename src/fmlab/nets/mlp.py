@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fmlab.utils.errors import UserError, choices_error
+from fmlab.errors import UserError, choices_error
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "selu": nn.SELU,

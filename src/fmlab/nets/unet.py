@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fmlab.errors import UserError
 from fmlab.nets.embeddings import sinusoidal_embedding
-from fmlab.utils.errors import UserError
 
 
 def _zero(module: nn.Module) -> nn.Module:

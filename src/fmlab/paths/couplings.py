@@ -7,7 +7,7 @@ import ot
 import torch
 from torch import Tensor
 
-from fmlab.utils.errors import UserError, choices_error
+from fmlab.errors import UserError, choices_error
 
 OT_METHODS = ("exact", "sinkhorn")
 

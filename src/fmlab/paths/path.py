@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from fmlab.errors import UserError, choices_error
 from fmlab.paths.schedules import Schedule
-from fmlab.utils.errors import UserError, choices_error
 
 SMOOTHING_KINDS = ("none", "constant", "bridge")
 

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from fmlab.utils.errors import UserError
+from fmlab.errors import UserError
 
 
 class Schedule(ABC):

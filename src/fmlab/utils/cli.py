@@ -11,7 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig
 
-from fmlab.utils.errors import UserError
+from fmlab.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
 
@@ -122,7 +122,7 @@ def run_entry_point(
     """What every `python -m fmlab.<entry>` does: check the command line (group choices; for a single run the whole
     composed config, then `preflight(cfg, args)`), then hand over to Hydra; a user error anywhere ends as one line
     and exit status 2."""
-    from fmlab.utils.errors import exit_on_user_error
+    from fmlab.errors import exit_on_user_error
 
     @exit_on_user_error
     def checked() -> None:

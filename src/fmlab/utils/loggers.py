@@ -16,7 +16,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from fmlab.utils.run_files import write_atomically
+from fmlab.runs import write_atomically
 
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
 

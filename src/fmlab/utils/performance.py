@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fmlab.utils.errors import choices_error
+from fmlab.errors import choices_error
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 

@@ -9,7 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from fmlab.utils.run_files import METRICS_FILE, read_metrics
+from fmlab.runs import METRICS_FILE, read_metrics
 
 SUMMARY_FILE = "summary.csv"
 

@@ -127,8 +127,8 @@ def compare(name: str, overrides: list[str], steps: int, warmup: int, chunk: int
     one process. The Evaluator and SampleLogger are swapped for no-op callbacks: Lightning still dispatches every
     per-step hook to as many callbacks as in a real run, but the end-of-fit evaluation, which is not a step cost,
     is left out."""
-    from fmlab.callbacks import Evaluator, SampleLogger
-    from fmlab.train import build_callbacks, build_module
+    from fmlab.callbacks import PeriodicEvaluation, SampleLogger, build_callbacks
+    from fmlab.module import FlowModule
 
     bare = BareLoop(overrides)
     with TemporaryDirectory() as tmp:
@@ -136,7 +136,7 @@ def compare(name: str, overrides: list[str], steps: int, warmup: int, chunk: int
         L.seed_everything(cfg.seed, verbose=False)
         interleaved = InterleavedBareLoop(bare, chunk, warmup)
         callbacks = [
-            L.Callback() if isinstance(callback, Evaluator | SampleLogger) else callback
+            L.Callback() if isinstance(callback, PeriodicEvaluation | SampleLogger) else callback
             for callback in build_callbacks(cfg)
         ]
         trainer = instantiate(
@@ -145,7 +145,7 @@ def compare(name: str, overrides: list[str], steps: int, warmup: int, chunk: int
             logger=instantiate_each(cfg.logger),
             enable_progress_bar=True,
         )
-        trainer.fit(build_module(cfg), datamodule=instantiate(cfg.data))
+        trainer.fit(FlowModule.from_config(cfg), datamodule=instantiate(cfg.data))
     row = paired_row(name, interleaved.ours, interleaved.bare_seconds, chunk)
     row["bare_steps"], row["fmlab_steps"] = bare.steps_done, trainer.global_step
     row["callbacks"] = len(trainer.callbacks)
@@ -268,20 +268,20 @@ def sampler_row(num_samples: int, repeats: int) -> dict[str, Any]:
 
 def evaluation_throughput(data: str, num_samples: int, nll_samples: int) -> dict[str, float]:
     """Samples/s of the Evaluator's generation + metrics and points/s of its likelihood, on an untrained net."""
-    from fmlab.train import build_module
+    from fmlab.module import FlowModule
 
     with TemporaryDirectory() as tmp:
         cfg = compose_train_config([f"data={data}", f"eval.fid.cache_dir={tmp}"], Path(tmp))
         torch.manual_seed(cfg.seed)
-        module, datamodule = build_module(cfg), instantiate(cfg.data)
+        field, datamodule = FlowModule.from_config(cfg).velocity_field(), instantiate(cfg.data)
         sampling = instantiate(cfg.eval, num_samples=num_samples, num_draws=1, nll_samples=0)
-        sampling.evaluate(module, datamodule)  # builds the FID reference once, outside the timing
+        sampling.evaluate(field, datamodule)  # builds the FID reference once, outside the timing
         started = time.perf_counter()
-        generated = sampling.evaluate(module, datamodule)
+        generated = sampling.evaluate(field, datamodule)
         generation_seconds = time.perf_counter() - started
         likelihood = instantiate(cfg.eval, num_samples=2, num_draws=1, nll_samples=nll_samples)
         started = time.perf_counter()
-        scored = likelihood.negative_log_likelihood(module.velocity_field(), datamodule, Ranks())
+        scored = likelihood.negative_log_likelihood(field, datamodule, Ranks())
         nll_seconds = time.perf_counter() - started
     return {
         "samples_per_second": num_samples / generation_seconds,
