@@ -62,6 +62,22 @@ def test_evaluating_the_checkpoint_reproduces_the_training_time_evaluation(runs,
     assert raw["w2"] != evaluated["w2"]  # the EMA weights are what was evaluated
 
 
+def test_a_notebook_evaluates_a_run_without_a_trainer_and_gets_the_runs_own_numbers(runs) -> None:
+    from hydra.utils import instantiate
+
+    from fmlab.runs import load_run
+
+    run = load_run(runs["moons"])  # a run dir: its last checkpoint, the EMA weights, the stored config
+    assert run.step == 300 and run.net is not run.module.net
+    evaluator = instantiate(run.config.eval)  # the engine alone: no Trainer, no Fabric, no callback
+    results = evaluator.evaluate(run.velocity_field(), run.datamodule)
+    trained = json.loads((runs["moons"] / "metrics.json").read_text())
+    for key in ("w2", "mmd", "nll", "nfe"):
+        assert results[key] == pytest.approx(trained[key], rel=1e-9, abs=1e-12), key
+    raw = load_run(runs["moons"], use_ema=False)
+    assert raw.net is raw.module.net
+
+
 def test_periodic_evaluation_logs_every_n_steps_and_at_the_end(runs) -> None:
     history = json.loads((runs["moons"] / "metrics.json").read_text())["eval_history"]
     assert [row["step"] for row in history] == [100, 200, 300]

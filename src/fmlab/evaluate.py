@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fmlab.errors import UserError, exit_on_user_error
-from fmlab.utils.cli import CONFIG_DIR, run_entry_point
+from fmlab.utils.cli import CONFIG_PATH, run_entry_point
 
 
 def make_fabric(trainer_cfg: DictConfig):
@@ -41,7 +41,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from fmlab.evaluation import nfe_sweep, sweep_solvers
     from fmlab.evaluation.nfe_sweep import plot_nfe_sweep, write_rows
     from fmlab.runs import load_run, write_metrics
+    from fmlab.utils.console import quiet_third_party_output
 
+    if (cfg.get("extras") or {}).get("ignore_warnings", True):
+        quiet_third_party_output()
     started = time.perf_counter()
     run = load_run(cfg.ckpt_path, cfg.use_ema)
     if cfg.eval.num_samples is None:  # default: as many samples as the run evaluated with
@@ -81,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 @exit_on_user_error
 def hydra_main(cfg: DictConfig) -> None:
     evaluate(cfg)

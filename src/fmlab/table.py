@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmlab.errors import UserError, exit_on_user_error
 from fmlab.runs import METRICS_FILE
-from fmlab.utils.cli import CONFIG_DIR, check_group_choices, run_entry_point
+from fmlab.utils.cli import CONFIG_DIR, CONFIG_PATH, check_composes, run_entry_point
 from fmlab.utils.sweep_summary import job_overrides
 
 NOT_RUN = "not run"
@@ -204,7 +204,7 @@ def pending_launches(table: DictConfig, sweep_dir: Path, whole_sweeps: bool = Tr
     for name, overrides in table.sweeps.items():
         target = sweep_dir / name
         args = [*table.common, *overrides]
-        check_group_choices(args)
+        check_composes("train", args)
         jobs, done = sweep_jobs(args), finished_jobs(target)
         missing = [(index, job) for index, job in enumerate(jobs) if frozenset(job) not in done]
         if not missing:
@@ -293,7 +293,7 @@ def make_table(cfg: DictConfig) -> str:
     return markdown
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="table")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="table")
 def hydra_main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
     make_table(cfg)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmlab import __version__
 from fmlab.errors import UserError, exit_on_user_error
-from fmlab.utils.cli import CONFIG_DIR, run_entry_point
+from fmlab.utils.cli import CONFIG_PATH, run_entry_point
 
 if TYPE_CHECKING:  # torch and Lightning load inside `train`, so a bad command line fails in well under a second.
     import lightning as L
@@ -161,6 +161,7 @@ def run_metrics(
         "data": cfg.data.get("target", cfg.data.get("name")),
         "source": cfg.data.get("source", "gaussian"),
         "seed": cfg.seed,
+        "tags": list(cfg.get("tags") or []),
         "steps": trainer.global_step,
         "config_digest": config_digest(cfg),
         "path": repr(module.path),
@@ -228,12 +229,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from fmlab.runs import is_launching_process, load_checkpoint, lock_run_dir, write_metrics
     from fmlab.sampling import SolverError
     from fmlab.utils.config import instantiate_each
+    from fmlab.utils.console import config_tree, quiet_third_party_output
     from fmlab.utils.loggers import finish_wandb, keep_history_before, log_final_metrics
 
     output_dir = Path(cfg.paths.output_dir)
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings", True):
+        quiet_third_party_output()
     if is_launching_process():
         lock_run_dir(output_dir)
         check_new_run_dir(cfg, output_dir)
+        if extras.get("print_config", False):
+            config_tree(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = FlowModule.from_config(cfg)
@@ -315,7 +322,7 @@ def sweeper_direction() -> str | None:
     return direction if isinstance(direction, str) else None
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @exit_on_user_error
 def hydra_main(cfg: DictConfig) -> float | None:
     return optimized_value(cfg, train(cfg), sweeper_direction())

@@ -1,8 +1,10 @@
 """Command-line checks that run before Hydra: a mistyped option or key, a bad value, or a run dir that cannot be
-used ends with one line, before Hydra writes anything into a run dir."""
+used ends with one line, before Hydra writes anything into a run dir. The checks compose the config with Hydra itself,
+so whatever Hydra finds (options on `hydra.searchpath`, nested options such as `experiment=recipes/digits`) passes."""
 
 from __future__ import annotations
 
+import importlib.resources
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,19 +15,15 @@ from omegaconf import DictConfig
 
 from fmlab.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "conf"
+# the configs travel with the package: conf/ at the repository's top level is the package resource fmlab.conf
+CONFIG_MODULE = "fmlab.conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+CONFIG_DIR = Path(str(importlib.resources.files(CONFIG_MODULE)))
 
 
 def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
-    """The options of a config group: the yaml files under conf/<group>/."""
+    """The options fmlab ships for a config group: the yaml files under conf/<group>/."""
     return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
-
-
-def _override_values(override: Override) -> list[str]:
-    if override.is_sweep_override():
-        return [str(v) for v in override.sweep_iterator()]
-    value = override.value()
-    return [] if value is None else [str(value)]
 
 
 def parse_overrides(args: list[str]) -> list[Override]:
@@ -36,20 +34,22 @@ def parse_overrides(args: list[str]) -> list[Override]:
         raise UserError(str(error).splitlines()[0]) from None
 
 
-def check_group_choices(args: list[str], config_dir: Path = CONFIG_DIR) -> None:
-    """Raise a one-line `UserError` for `group=option` overrides naming an option that does not exist.
-
-    Hydra's own message for this spans many lines; this check reads the same overrides with Hydra's parser.
-    """
-    for override in parse_overrides(args):
-        group = override.key_or_group.lstrip("+~")
-        # hydra/* groups also hold plugin options (hydra/launcher=submitit_slurm) that Hydra checks itself
-        if override.package or group.startswith("hydra/") or not (config_dir / group).is_dir() or override.is_delete():
-            continue
-        options = group_options(group, config_dir)
-        for value in _override_values(override):
-            if value not in options and value != "null":
-                raise UserError(f"{group}={value} is not a valid choice; choose one of: {', '.join(options)}")
+def representative_jobs(args: list[str]) -> list[list[str]]:
+    """Override lists that between them use every value of every sweep (`a=1,2 b=x,y` gives a=1 b=x, a=2 b=x,
+    a=1 b=y): composing each checks a multirun's options without composing all of its jobs."""
+    plain = [a for a in args if "=" in a and not a.startswith("-")]
+    parsed = parse_overrides(plain)
+    values = [
+        [str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for o in parsed
+    ]
+    keys = [o.get_key_element() for o in parsed]
+    first = [f"{k}={v[0]}" for k, v in zip(keys, values, strict=True)]
+    jobs = [first]
+    for index, options in enumerate(values):
+        for value in options[1:]:
+            jobs.append([*first[:index], f"{keys[index]}={value}", *first[index + 1 :]])
+    return jobs
 
 
 def is_single_run(args: list[str]) -> bool:
@@ -59,29 +59,43 @@ def is_single_run(args: list[str]) -> bool:
     return not any(o.is_sweep_override() for o in parse_overrides(args))
 
 
-def condensed_composition_error(error: Exception, config_dir: Path = CONFIG_DIR) -> UserError:
+def condensed_composition_error(error: Exception) -> UserError:
     """Hydra's multi-line composition errors as one line that still names the bad value (and the choices)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    import re
+
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0] if lines else type(error).__name__
+    options = re.search(r"(?:Available options in '[^']*':|Available options:)\n((?:\t.*\n?)*)", text)
+    listed = ", ".join(o.strip() for o in options.group(1).splitlines() if o.strip()) if options else ""
+    missing = re.search(r"Could not find '(.+)/([^/']+)'", first)
+    if missing:  # an option that does not exist: `data=nope`
+        return UserError(f"{missing.group(1)}={missing.group(2)} is not a valid choice; choose one of: {listed}")
     if first.startswith("You must specify '"):  # a group without a default: `table: ???`
         group = first.split("'")[1]
-        return UserError(f"{group} is required; choose one of: {', '.join(group_options(group, config_dir))}")
+        return UserError(f"{group} is required; choose one of: {listed}")
     if first.startswith("Could not override '"):  # an unknown key
         key = first.split("'")[1]
         return UserError(f"{key} is not a key of the config; to add a new key write +{key}=<value>")
     return UserError(" ".join(lines))
 
 
-def compose_for_checks(config_name: str, args: list[str], config_dir: Path = CONFIG_DIR) -> DictConfig:
+def compose_for_checks(config_name: str, args: list[str]) -> DictConfig:
     """The config Hydra is about to run, composed without running it (its `hydra` node included, unresolved)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
 
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             return compose(config_name, overrides=args, return_hydra_config=True)
     except HydraException as error:
-        raise condensed_composition_error(error, config_dir) from None
+        raise condensed_composition_error(error) from None
+
+
+def check_composes(config_name: str, args: list[str]) -> None:
+    """One line for an option or key Hydra cannot compose, in any job of a multirun over `args`."""
+    for job in representative_jobs(args):
+        compose_for_checks(config_name, job)
 
 
 def run_dir_override(args: list[str]) -> Path | None:
@@ -119,19 +133,22 @@ def run_entry_point(
     config_name: str | None = None,
     preflight: Callable[[DictConfig, list[str]], None] | None = None,
 ) -> None:
-    """What every `python -m fmlab.<entry>` does: check the command line (group choices; for a single run the whole
-    composed config, then `preflight(cfg, args)`), then hand over to Hydra; a user error anywhere ends as one line
-    and exit status 2."""
+    """What every `fmlab-<entry>` / `python -m fmlab.<entry>` does: compose the command line's config (a single run:
+    then `preflight(cfg, args)`; a multirun: one job per sweep value), then hand over to Hydra. A user error anywhere
+    ends as one line and exit status 2. Hydra's own flags (--help, --cfg, --shell-completion, ...) go straight on."""
     from fmlab.errors import exit_on_user_error
 
     @exit_on_user_error
     def checked() -> None:
         args = sys.argv[1:]
-        check_group_choices(args)
-        if config_name is not None and is_single_run(args):
-            cfg = compose_for_checks(config_name, args)
-            if preflight is not None:
-                preflight(cfg, args)
+        flags = [a for a in args if a.startswith("-")]
+        if config_name is not None and set(flags) <= {"-m", "--multirun"}:
+            if is_single_run(args):
+                cfg = compose_for_checks(config_name, args)
+                if preflight is not None:
+                    preflight(cfg, args)
+            else:
+                check_composes(config_name, args)
         hydra_main()
 
     checked()

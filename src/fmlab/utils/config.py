@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fmlab.utils.cli import CONFIG_DIR
+from fmlab.utils.cli import CONFIG_MODULE
 
 
 def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictConfig:
     """The train config for `overrides`, writing into `output_dir`; like the CLI's, it has no `hydra` node."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     OmegaConf.set_readonly(cfg.hydra, False)
     with open_dict(cfg):

@@ -62,6 +62,10 @@ class FallbackWandbLogger(WandbLogger):
     """A `WandbLogger` that, when the online run cannot start (a rejected key, no network) within the init timeout,
     says so in one line and logs offline instead of ending the run with a traceback."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous", None)  # W&B warns on every run that the setting does nothing
+
     @property
     def experiment(self) -> Any:
         if self._experiment is None and not self._offline:

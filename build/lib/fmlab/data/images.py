@@ -1,0 +1,264 @@
+"""Image datamodules: quantised images held as integer levels, dequantised to [-1, 1] for training and likelihood.
+
+Every image dataset subclasses `ImageDataModule` and only loads its arrays; dequantisation, flips, the noise source,
+held-out sets and the FID reference set are shared.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from fmlab.errors import UserError, first_detail
+from fmlab.seeding import seeded_generator
+
+
+def dequantize(levels: Tensor, num_levels: int, noise: Tensor) -> Tensor:
+    """x = (k + u) / (L/2) − 1 ∈ [-1, 1) for integer levels k ∈ {0..L−1} and u ~ U[0, 1): uniform dequantisation
+    (Theis et al. 2016) scaled to [-1, 1]; the scale L/2 is what `likelihood.bits_per_dim` takes as `data_scale`."""
+    return (levels.to(noise.dtype) + noise) / (num_levels / 2.0) - 1.0
+
+
+def quantize(x: Tensor, num_levels: int) -> Tensor:
+    """The inverse of `dequantize`: k = ⌊(x + 1) L/2⌋ clipped to {0..L−1}, as uint8 (for L ≤ 256). Exact except
+    within float32 precision (~1e-5 of a level) of a bin edge."""
+    return torch.floor((x + 1.0) * (num_levels / 2.0)).clamp(0, num_levels - 1).to(torch.uint8)
+
+
+def bin_centers(levels: Tensor, num_levels: int) -> Tensor:
+    """The centre of each level's dequantisation bin, (k + ½)/(L/2) − 1: deterministic images for FID references."""
+    return dequantize(levels, num_levels, torch.full(levels.shape, 0.5))
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images as uint8 levels (N, C, H, W). Training batches are (x0, x1): x0 ~ N(0, I) and x1 the dequantised
+    images (fresh uniform noise every batch, random horizontal flips if `flip`).
+
+    Subclasses set `name`, `num_levels`, `data_shape`, `fid_feature` and return (train, test) levels from `load()`.
+    """
+
+    name = "images"
+    fid_feature = "inception"
+    num_levels = 256
+    data_shape: tuple[int, int, int] = (3, 32, 32)
+    is_image = True
+    source = "gaussian"
+
+    def __init__(
+        self,
+        target: str | None = None,
+        batch_size: int = 128,
+        num_eval_samples: int = 2000,
+        flip: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+        data_dir: str | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if target is not None and target != self.name:
+            raise UserError(f"data.target={target} does not match {type(self).__name__}; it loads {self.name}")
+        if batch_size < 1 or num_eval_samples < 2:
+            raise UserError(
+                f"data.batch_size={batch_size} must be >= 1 and data.num_eval_samples={num_eval_samples} >= 2"
+            )
+        if shape is not None and tuple(shape) != tuple(self.data_shape):
+            raise UserError(f"data.shape={list(shape)} is invalid for data={self.name}; it is {list(self.data_shape)}")
+        self.batch_size, self.num_eval_samples, self.flip = batch_size, num_eval_samples, flip
+        self.num_workers, self.seed = num_workers, seed
+        self.data_dir = Path(data_dir).expanduser() if data_dir else None
+        self.train_levels, self.test_levels = self.load()
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _collate(self, items: list[tuple[Tensor]]) -> tuple[Tensor, Tensor]:
+        levels = torch.stack([item[0] for item in items])
+        x1 = dequantize(levels, self.num_levels, torch.rand(levels.shape))
+        if self.flip:
+            flipped = torch.rand(len(x1)) < 0.5
+            x1[flipped] = x1[flipped].flip(-1)
+        return torch.randn_like(x1), x1
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            TensorDataset(self.train_levels),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
+        """The first `n` test images (all of them at most), dequantised with noise fixed per (seed, index)."""
+        levels = self.test_levels[: n or len(self.test_levels)]
+        noise = torch.rand(levels.shape, generator=seeded_generator(self.seed, "held_out", index))
+        return dequantize(levels, self.num_levels, noise)
+
+    def reference_images(self) -> Tensor:
+        """The FID reference set: every training image at its bin centre."""
+        return bin_centers(self.train_levels, self.num_levels)
+
+    def eval_source(self, n: int | None = None, draw: int = 0, chunk: int = 0) -> Tensor:
+        """Fixed N(0, I) noise from which evaluation generates, one batch per (draw, chunk)."""
+        g = seeded_generator(self.seed, "eval_source", draw, chunk)
+        return torch.randn(n or self.num_eval_samples, *self.data_shape, generator=g)
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's bundled 8×8 handwritten digits: 1,797 greyscale images with 17 levels (0..16), works offline.
+
+    A fixed split (independent of the run's seed): 1,437 training and 360 test images. No flips (digits are not
+    mirror-symmetric).
+    """
+
+    name = "digits"
+    fid_feature = "digits"
+    num_levels = 17
+    data_shape = (1, 8, 8)
+    test_fraction = 0.2
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        from sklearn.datasets import load_digits
+
+        return self._split(torch.from_numpy(load_digits().images).to(torch.uint8).unsqueeze(1))
+
+    def labels(self) -> tuple[Tensor, Tensor]:
+        """Class labels in the same split, for the FID feature classifier."""
+        from sklearn.datasets import load_digits
+
+        return self._split(torch.from_numpy(load_digits().target))
+
+    def _split(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        order = torch.randperm(len(values), generator=torch.Generator().manual_seed(0))
+        num_test = round(self.test_fraction * len(values))
+        return values[order[num_test:]], values[order[:num_test]]
+
+
+def _missing(data: str, where: Path, files: list[str], error: Exception | None = None) -> UserError:
+    listed = ", ".join(files)
+    why = f" (download failed: {first_detail(error)})" if error is not None else ""
+    return UserError(f"data={data}: expected {listed} under {where}{why}; set data.data_dir=<folder holding them>")
+
+
+def _corrupt(data: str, path: Path, expected: str, error: Exception | None = None) -> UserError:
+    found = f" ({type(error).__name__}: {first_detail(error) or 'no detail'})" if error is not None else ""
+    return UserError(f"data={data}: {path} is not a valid file: expected {expected}{found}; replace it")
+
+
+IDX_MAGIC = {3: 0x0803, 1: 0x0801}  # MNIST idx files: ubyte images (3 dims), ubyte labels (1 dim)
+
+
+def check_idx_file(path: Path, dims: int) -> None:
+    """An MNIST idx file: the magic number for `dims` dimensions, then that many sizes whose product is the rest."""
+    import struct
+
+    expected = f"an idx file (magic 0x{IDX_MAGIC[dims]:04x}, {dims} sizes, then the bytes they count)"
+    data = path.read_bytes()
+    if len(data) < 4 + 4 * dims or struct.unpack(">I", data[:4])[0] != IDX_MAGIC[dims]:
+        raise _corrupt("mnist", path, expected)
+    sizes = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
+    if len(data) != 4 + 4 * dims + math.prod(sizes):
+        raise _corrupt("mnist", path, f"{expected}; its sizes {list(sizes)} do not match its {len(data)} bytes")
+
+
+class MNISTDataModule(ImageDataModule):
+    """MNIST through torchvision: the idx files under `<data_dir>/MNIST/raw/` (downloaded there when possible)."""
+
+    name = "mnist"
+    data_shape = (1, 28, 28)
+    files = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        from torchvision.datasets import MNIST
+
+        root = self.data_dir or Path("data")
+        raw = root / "MNIST" / "raw"
+        for name in self.files:  # name a corrupt file instead of torchvision's bare AssertionError
+            if (raw / name).is_file():
+                check_idx_file(raw / name, 3 if "images" in name else 1)
+        try:
+            train, test = (MNIST(root, train=split, download=False) for split in (True, False))
+        except RuntimeError:
+            try:
+                train, test = (MNIST(root, train=split, download=True) for split in (True, False))
+            except Exception as error:
+                raise _missing("mnist", root / "MNIST" / "raw", self.files, error) from None
+        return train.data.unsqueeze(1), test.data.unsqueeze(1)
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """CIFAR-10's python batches (`cifar-10-batches-py/data_batch_1..5`, `test_batch`: pickled dicts of uint8 rows
+    in CHW order), downloaded by torchvision when missing and possible. Random horizontal flips by default."""
+
+    name = "cifar10"
+    data_shape = (3, 32, 32)
+    folder = "cifar-10-batches-py"
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+
+    def __init__(self, *args, flip: bool = True, **kwargs) -> None:
+        super().__init__(*args, flip=flip, **kwargs)
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        root = self.data_dir or Path("data")
+        folder = root / self.folder
+        if not all((folder / f).is_file() for f in [*self.train_files, "test_batch"]):
+            try:
+                from torchvision.datasets import CIFAR10
+
+                CIFAR10(root, download=True)
+            except Exception as error:
+                files = [*self.train_files, "test_batch"]
+                raise _missing("cifar10", folder, files, error) from None
+        train = torch.cat([self._read(folder / f) for f in self.train_files])
+        return train, self._read(folder / "test_batch")
+
+    @staticmethod
+    def _read(path: Path) -> Tensor:
+        import pickle
+
+        try:
+            with path.open("rb") as handle:
+                batch = pickle.load(handle, encoding="bytes")
+            return torch.from_numpy(batch[b"data"]).reshape(-1, 3, 32, 32)
+        except Exception as error:
+            raise _corrupt("cifar10", path, "a pickled dict whose b'data' holds N x 3072 uint8 rows", error) from None
+
+
+class DownsampledImageNetDataModule(ImageDataModule):
+    """Downsampled ImageNet (Chrabaszcz et al. 2017) as distributed: `train_data_batch_*.npz` and `val_data.npz`
+    (arrays `data`, N × 3·R·R uint8 in CHW order, and `labels`) anywhere under `data_dir`. It needs a login to
+    download, so it is never downloaded here. Held entirely in memory (ImageNet64 train: 15.7 GB)."""
+
+    def __init__(self, *args, resolution: int = 32, **kwargs) -> None:
+        if resolution not in (32, 64):
+            from fmlab.errors import choices_error
+
+            raise choices_error("data.resolution", resolution, (32, 64))
+        self.name, self.data_shape = f"imagenet{resolution}", (3, resolution, resolution)
+        super().__init__(*args, **kwargs)
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        import numpy as np
+
+        root = self.data_dir or Path("data")
+        train_files = sorted(root.rglob("train_data_batch_*.npz"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        val_files = sorted(root.rglob("val_data.npz"))
+        if not train_files or not val_files:
+            raise _missing(self.name, root, ["train_data_batch_1.npz ... train_data_batch_10.npz", "val_data.npz"])
+
+        def read(path: Path) -> Tensor:
+            try:
+                return torch.from_numpy(np.load(path)["data"]).reshape(-1, *self.data_shape)
+            except Exception as error:
+                expected = f"an .npz file whose 'data' holds N x {math.prod(self.data_shape)} uint8 rows"
+                raise _corrupt(self.name, path, expected, error) from None
+
+        return torch.cat([read(p) for p in train_files]), read(val_files[0])

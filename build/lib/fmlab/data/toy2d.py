@@ -1,0 +1,225 @@
+"""2D toy distributions as vectorised torch samplers, and the datamodule that streams (source, data) pairs.
+
+Definitions follow the papers' code so figures compare: `moons` and `8gaussians` as in TorchCFM's tutorial
+(Tong et al. 2024), `scurve` as in its 2D experiments, the rest as in FFJORD (Grathwohl et al. 2019).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from fmlab.errors import UserError, choices_error
+from fmlab.seeding import seeded_generator
+
+Sampler = Callable[[int, torch.Generator], Tensor]
+
+# PairStream splits its batches between loader workers itself, so its __len__ is exact; Lightning warns regardless.
+warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+
+
+def _uniform(n: int, g: torch.Generator, *shape: int) -> Tensor:
+    return torch.rand(n, *shape, generator=g)
+
+
+def _normal(n: int, g: torch.Generator, *shape: int) -> Tensor:
+    return torch.randn(n, *shape, generator=g)
+
+
+def sample_gaussian(n: int, g: torch.Generator) -> Tensor:
+    """N(0, I) in 2D: the default source."""
+    return _normal(n, g, 2)
+
+
+def sample_moons(n: int, g: torch.Generator) -> Tensor:
+    """TorchCFM's moons: evenly spaced angles a ∈ [0, π] on two half circles (outer cos a, sin a;
+    inner 1 − cos a, 0.5 − sin a), one U(0, 0.2) offset added to both coordinates of a point, then × 3 − 1."""
+    n_outer = n // 2
+    outer = torch.linspace(0, math.pi, n_outer)
+    inner = torch.linspace(0, math.pi, n - n_outer)
+    x = torch.cat([torch.cos(outer), 1 - torch.cos(inner)])
+    y = torch.cat([torch.sin(outer), 0.5 - torch.sin(inner)])
+    points = torch.stack([x, y], dim=1) + 0.2 * _uniform(n, g, 1)
+    return points * 3 - 1
+
+
+def sample_8gaussians(n: int, g: torch.Generator) -> Tensor:
+    """TorchCFM's 8 Gaussians: centres 5 (cos kπ/4, sin kπ/4); its sampler passes √0.1 as the covariance,
+    so each coordinate has standard deviation 0.1^(1/4)."""
+    angles = torch.randint(0, 8, (n,), generator=g) * (math.pi / 4)
+    centres = 5.0 * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    return centres + 0.1**0.25 * _normal(n, g, 2)
+
+
+def sample_checkerboard(n: int, g: torch.Generator) -> Tensor:
+    """FFJORD's checkerboard: uniform on the 8 dark squares of a 4×4 board on [−4, 4]²."""
+    x1 = _uniform(n, g) * 4 - 2
+    x2 = _uniform(n, g) - torch.randint(0, 2, (n,), generator=g) * 2.0
+    x2 = x2 + torch.floor(x1) % 2
+    return torch.stack([x1, x2], dim=1) * 2
+
+
+def sample_scurve(n: int, g: torch.Generator) -> Tensor:
+    """S curve (x, z) of scikit-learn's make_s_curve with noise 0.05, × 1.5, as in TorchCFM's 2D experiments."""
+    t = 3 * math.pi * (_uniform(n, g) - 0.5)
+    points = torch.stack([torch.sin(t), torch.sign(t) * (torch.cos(t) - 1)], dim=1)
+    return (points + 0.05 * _normal(n, g, 2)) * 1.5
+
+
+def sample_swissroll(n: int, g: torch.Generator) -> Tensor:
+    """FFJORD's swiss roll: make_swiss_roll (t cos t, t sin t), t ~ U[1.5π, 4.5π], noise 1.0, divided by 5."""
+    t = 1.5 * math.pi * (1 + 2 * _uniform(n, g))
+    points = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1)
+    return (points + _normal(n, g, 2)) / 5
+
+
+def sample_circles(n: int, g: torch.Generator) -> Tensor:
+    """FFJORD's circles: two concentric circles (radii 1 and 0.5, equal mass), noise 0.08, × 3."""
+    angles = 2 * math.pi * _uniform(n, g)
+    radius = 1.0 - 0.5 * torch.randint(0, 2, (n,), generator=g)
+    points = radius[:, None] * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    return (points + 0.08 * _normal(n, g, 2)) * 3
+
+
+def sample_pinwheel(n: int, g: torch.Generator) -> Tensor:
+    """FFJORD's pinwheel: 5 arms, radial std 0.3, tangential std 0.1, rate 0.25, × 2."""
+    num_arms, rate = 5, 0.25
+    features = _normal(n, g, 2) * torch.tensor([0.3, 0.1])
+    features[:, 0] += 1.0
+    arm = torch.randint(0, num_arms, (n,), generator=g)
+    angles = arm * (2 * math.pi / num_arms) + rate * torch.exp(features[:, 0])
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    rotations = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    return 2 * torch.einsum("ni,nji->nj", features, rotations)
+
+
+def sample_2spirals(n: int, g: torch.Generator) -> Tensor:
+    """FFJORD's two spirals: r = √u · 540°, points (−r cos r, r sin r) and their reflection, / 3, noise 0.1."""
+    r = torch.sqrt(_uniform(n, g)) * (540 * 2 * math.pi / 360)
+    arm = torch.stack([-torch.cos(r) * r, torch.sin(r) * r], dim=1) + 0.5 * _uniform(n, g, 2)
+    sign = 1.0 - 2.0 * torch.randint(0, 2, (n, 1), generator=g)
+    return sign * arm / 3 + 0.1 * _normal(n, g, 2)
+
+
+DISTRIBUTIONS: dict[str, Sampler] = {
+    "gaussian": sample_gaussian,
+    "moons": sample_moons,
+    "8gaussians": sample_8gaussians,
+    "checkerboard": sample_checkerboard,
+    "scurve": sample_scurve,
+    "swissroll": sample_swissroll,
+    "circles": sample_circles,
+    "pinwheel": sample_pinwheel,
+    "2spirals": sample_2spirals,
+}
+
+
+def get_distribution(name: str, role: str = "data.target") -> Sampler:
+    """The sampler called `name`, or a one-line error listing the choices."""
+    if name not in DISTRIBUTIONS:
+        raise choices_error(role, name, DISTRIBUTIONS)
+    return DISTRIBUTIONS[name]
+
+
+class PairStream(IterableDataset):
+    """An endless stream of (x0, x1) batches cut into epochs of `batches_per_epoch` batches.
+
+    Batch i (counted over the whole run) is drawn from its own generator seeded by (seed, rank, i), so each DDP rank
+    draws its own data and a run resumed at step k draws exactly the batches k, k + 1, ... of an unbroken run: the
+    datamodule saves `next_index` in checkpoints. An epoch's iterator ends at the next multiple of
+    `batches_per_epoch`, so an epoch resumed half-way yields only its remaining batches. Loader workers take every
+    `num_workers`-th batch (exact resume then needs num_workers = 0, where the counter lives in this process).
+    """
+
+    def __init__(self, source: Sampler, target: Sampler, batch_size: int, batches_per_epoch: int, seed: int) -> None:
+        self.source, self.target = source, target
+        self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
+        self.rank = 0
+        self.next_index = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+        g = seeded_generator(self.seed, "train", self.rank, index)
+        return self.source(self.batch_size, g), self.target(self.batch_size, g)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        start = self.next_index
+        end = (start // self.batches_per_epoch + 1) * self.batches_per_epoch
+        for index in range(start + worker, end, workers):
+            self.next_index = index + 1
+            yield self.batch(index)
+        self.next_index = end
+
+
+class Toy2DDataModule(L.LightningDataModule):
+    """(source → target) 2D data: training pairs, plus fixed held-out sets for evaluation (`EvaluationData`)."""
+
+    is_image = False
+
+    def __init__(
+        self,
+        target: str = "moons",
+        source: str = "gaussian",
+        batch_size: int = 256,
+        batches_per_epoch: int = 1000,
+        num_eval_samples: int = 2000,
+        num_workers: int = 0,
+        seed: int = 0,
+        shape: tuple[int, ...] = (2,),
+    ) -> None:
+        super().__init__()
+        self.target_sampler = get_distribution(target, "data.target")
+        self.source_sampler = get_distribution(source, "data.source")
+        if batch_size < 1 or batches_per_epoch < 1 or num_eval_samples < 2:
+            raise UserError(
+                f"data.batch_size={batch_size}, data.batches_per_epoch={batches_per_epoch} and "
+                f"data.num_eval_samples={num_eval_samples} must be positive (at least 2 evaluation samples)"
+            )
+        if tuple(shape) != (2,):
+            raise UserError(f"data.shape={list(shape)} is invalid for 2D data; it must be [2]")
+        self.target, self.source = target, source
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self.num_eval_samples, self.num_workers, self.seed = num_eval_samples, num_workers, seed
+        self.data_shape: tuple[int, ...] = (2,)
+        self._stream = PairStream(self.source_sampler, self.target_sampler, batch_size, batches_per_epoch, seed)
+
+    @property
+    def name(self) -> str:
+        return self.target if self.source == "gaussian" else f"{self.source}-{self.target}"
+
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:
+            self._stream.rank = self.trainer.global_rank
+        return DataLoader(
+            self._stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in checkpoints: the first batch not yet trained on (one batch per optimiser step)."""
+        step = self.trainer.global_step if self.trainer is not None else self._stream.next_index
+        return {"next_index": int(step)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._stream.next_index = int(state_dict["next_index"])
+
+    def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
+        """A fixed set of `n` data samples per (dataset, seed, index), never seen in training."""
+        return self.target_sampler(n or self.num_eval_samples, seeded_generator(self.seed, "held_out", index))
+
+    def eval_source(self, n: int | None = None, draw: int = 0, chunk: int = 0) -> Tensor:
+        """Fixed batches of source samples x0 from which evaluation generates, one per (`draw`, `chunk`)."""
+        g = seeded_generator(self.seed, "eval_source", draw, chunk)
+        return self.source_sampler(n or self.num_eval_samples, g)

@@ -1,0 +1,72 @@
+"""The process group as evaluation sees it: rank, world size, and a gather that is exact under DDP.
+
+Evaluation spreads fixed chunks of work over the ranks and gathers the results in chunk order, so every metric
+is the same number whatever the number of processes (see `gather_chunks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Ranks:
+    """rank / world size and the strategy's `all_gather` (tensor → (world_size, *tensor.shape))."""
+
+    rank: int = 0
+    world_size: int = 1
+    all_gather: Callable[[Tensor], Tensor] | None = None
+
+    @classmethod
+    def of_trainer(cls, trainer: Any) -> Ranks:
+        return cls(trainer.global_rank, trainer.world_size, trainer.strategy.all_gather)
+
+    @classmethod
+    def of_fabric(cls, fabric: Any) -> Ranks:
+        return cls(fabric.global_rank, fabric.world_size, fabric.all_gather)
+
+    def chunks(self, num_chunks: int) -> range:
+        """The chunk indices this rank works on: rank, rank + world, ..."""
+        return range(self.rank, num_chunks, self.world_size)
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        if self.world_size == 1 or self.all_gather is None:
+            return tensor.unsqueeze(0)
+        return self.all_gather(tensor)
+
+
+def end_process_group() -> None:
+    """Wait for every rank, then destroy the process group, before the entry point returns. Left to exit-time
+    clean-up, a rank that leaves while its peer still writes metrics.json can abort that peer after the file is
+    written ("terminate called without an active exception", status 134): 1 two-process evaluation in 6 here."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def chunk_sizes(total: int, chunk_size: int) -> list[int]:
+    """Sizes of the fixed chunks `total` items are cut into: [chunk_size, ..., remainder]."""
+    if total < 1 or chunk_size < 1:
+        raise ValueError(f"total={total} and chunk_size={chunk_size} must be positive")
+    return [min(chunk_size, total - start) for start in range(0, total, chunk_size)]
+
+
+def gather_chunks(results: dict[int, Tensor], sizes: list[int], ranks: Ranks, like: Tensor) -> Tensor:
+    """Concatenate per-chunk results, computed by whichever rank owns each chunk, in chunk order on every rank.
+
+    Each rank holds the chunks `ranks.chunks(len(sizes))` in `results` (chunk index → tensor of `sizes[i]` rows shaped
+    like `like[0]`); they are padded into slots, all-gathered once, and unpadded, so the output equals a one-process
+    run that computed every chunk itself.
+    """
+    num_chunks, world = len(sizes), ranks.world_size
+    slots = -(-num_chunks // world)
+    padded = torch.zeros(slots, max(sizes), *like.shape[1:], dtype=like.dtype, device=like.device)
+    for chunk, value in results.items():
+        padded[chunk // world, : sizes[chunk]] = value
+    gathered = ranks.gather(padded)  # (world, slots, max size, ...)
+    return torch.cat([gathered[c % world, c // world, : sizes[c]] for c in range(num_chunks)])

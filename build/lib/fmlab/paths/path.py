@@ -1,0 +1,163 @@
+"""The affine conditional probability path: one source of truth for training targets, sampling and likelihood."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fmlab.errors import UserError, choices_error
+from fmlab.paths.schedules import Schedule
+
+SMOOTHING_KINDS = ("none", "constant", "bridge")
+
+
+def broadcast_time(t: Tensor, x: Tensor) -> Tensor:
+    """Reshape per-sample times (B,) to (B, 1, ..., 1) so they broadcast against a batch shaped like `x`."""
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+class AffinePath:
+    """x_t = α_t x1 + σ_t x0 (+ s_t ε), the conditional Gaussian path N(α_t x1, σ_t² I) of seed 001 eq. (6).
+
+    `smoothing` adds the independent noise s_t ε of I-CFM (`constant`: s_t = σ) or Schrödinger-bridge CFM
+    (`bridge`: s_t = σ √(t(1 − t))), Tong et al. 2024 §3. Times are drawn from U[t_min, schedule.t_max].
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        smoothing: str = "none",
+        smoothing_sigma: float = 0.0,
+        t_min: float = 0.0,
+    ) -> None:
+        if smoothing not in SMOOTHING_KINDS:
+            raise choices_error("path.smoothing", smoothing, SMOOTHING_KINDS)
+        if smoothing != "none" and smoothing_sigma <= 0:
+            raise UserError(f"path.smoothing_sigma={smoothing_sigma} must be > 0 with smoothing={smoothing!r}")
+        if not 0.0 <= t_min < schedule.t_max <= 1.0:
+            raise UserError(
+                f"path.t_min={t_min} with schedule t_max={schedule.t_max} is invalid; need 0 <= t_min < t_max <= 1"
+            )
+        self.schedule = schedule
+        self.smoothing = smoothing
+        self.smoothing_sigma = float(smoothing_sigma)
+        self.t_min = float(t_min)
+
+    @property
+    def t_max(self) -> float:
+        return self.schedule.t_max
+
+    @property
+    def has_smoothing(self) -> bool:
+        return self.smoothing != "none"
+
+    def sample_time(self, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """t ~ U[t_min, t_max]: the diffusion paths train on [0, 1 − 1e-5] where they are singular at t = 1."""
+        t = torch.rand(n, device=device, dtype=dtype)
+        return self.t_min + (self.t_max - self.t_min) * t
+
+    def smoothing_std(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(s_t, ṡ_t) of the smoothing noise; zeros without smoothing."""
+        if self.smoothing == "constant":
+            return torch.full_like(t, self.smoothing_sigma), torch.zeros_like(t)
+        if self.smoothing == "bridge":
+            variance = (t * (1.0 - t)).clamp_min(1e-12)
+            std = self.smoothing_sigma * torch.sqrt(variance)
+            return std, self.smoothing_sigma * (1.0 - 2.0 * t) / (2.0 * torch.sqrt(variance))
+        return torch.zeros_like(t), torch.zeros_like(t)
+
+    def sample_with_target(
+        self, t: Tensor, x0: Tensor, x1: Tensor, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x_t = α_t x1 + σ_t x0 (+ s_t ε) and its conditional velocity u_t = α̇_t x1 + σ̇_t x0 (+ ṡ_t ε).
+
+        For a Gaussian source the velocity equals (σ̇_t/σ_t)(x_t − α_t x1) + α̇_t x1 (seed 001, Theorem 10).
+        """
+        tb = broadcast_time(t, x1)
+        s = self.schedule
+        x_t = s.alpha(tb) * x1 + s.sigma(tb) * x0
+        u_t = s.d_alpha(tb) * x1 + s.d_sigma(tb) * x0
+        if self.has_smoothing:
+            if noise is None:
+                raise ValueError("this path has smoothing noise; pass `noise`")
+            std, d_std = self.smoothing_std(tb)
+            x_t = x_t + std * noise
+            u_t = u_t + d_std * noise
+        return x_t, u_t
+
+    def conditional_flow(self, t: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
+        """ψ_t(x0 | x1) = σ_t x0 + α_t x1 (seed 001, Theorem 10), the flow of the conditional velocity."""
+        tb = broadcast_time(t, x1)
+        return self.schedule.sigma(tb) * x0 + self.schedule.alpha(tb) * x1
+
+    def conditional_velocity(self, t: Tensor, x: Tensor, x1: Tensor) -> Tensor:
+        """u_t(x | x1) = (σ̇_t/σ_t)(x − α_t x1) + α̇_t x1 (seed 001, Theorem 10) at any point x."""
+        tb = broadcast_time(t, x1)
+        s = self.schedule
+        return s.d_sigma(tb) / s.sigma(tb) * (x - s.alpha(tb) * x1) + s.d_alpha(tb) * x1
+
+    def conditional_log_prob(self, t: Tensor, x: Tensor, x1: Tensor) -> Tensor:
+        """log N(x; α_t x1, σ_t² I), summed over the non-batch dimensions (seed 001 eq. (6))."""
+        tb = broadcast_time(t, x1)
+        sigma = self.schedule.sigma(tb)
+        z = (x - self.schedule.alpha(tb) * x1) / sigma
+        d = x[0].numel()
+        log_norm = -0.5 * d * math.log(2 * math.pi) - d * torch.log(sigma.reshape(-1))
+        return -0.5 * z.pow(2).flatten(1).sum(1) + log_norm
+
+    # Conversions between what a network may predict, for a Gaussian source (x_t = α_t x1 + σ_t ε, ε ~ N(0, I)).
+    # The score of the conditional path is ∇ log p_t(x | x1) = −(x − α_t x1)/σ_t² = −ε/σ_t (seed 003), so
+    # the marginal score, velocity, ε and x1 predictions are affine in one another at each (t, x).
+
+    def _coefficients(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        tb = broadcast_time(t, x)
+        s = self.schedule
+        return s.alpha(tb), s.sigma(tb), s.d_alpha(tb), s.d_sigma(tb)
+
+    def velocity_from_epsilon(self, epsilon: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """v = α̇ x̂1 + σ̇ ε̂ with x̂1 = (x − σ ε̂)/α, i.e. v = (α̇/α) x + (σ̇ − α̇ σ/α) ε̂."""
+        alpha, sigma, d_alpha, d_sigma = self._coefficients(t, x)
+        return d_alpha / alpha * x + (d_sigma - d_alpha * sigma / alpha) * epsilon
+
+    def epsilon_from_velocity(self, velocity: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """Inverse of `velocity_from_epsilon`: ε̂ = (α v − α̇ x)/(α σ̇ − α̇ σ)."""
+        alpha, sigma, d_alpha, d_sigma = self._coefficients(t, x)
+        return (alpha * velocity - d_alpha * x) / (alpha * d_sigma - d_alpha * sigma)
+
+    def epsilon_from_score(self, score: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """ε̂ = −σ_t ŝ (Tweedie: E[ε | x_t] = −σ_t ∇ log p_t(x_t))."""
+        return -self._coefficients(t, x)[1] * score
+
+    def score_from_epsilon(self, epsilon: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """ŝ = −ε̂ / σ_t."""
+        return -epsilon / self._coefficients(t, x)[1]
+
+    def x1_from_epsilon(self, epsilon: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """x̂1 = (x − σ_t ε̂)/α_t."""
+        alpha, sigma, _, _ = self._coefficients(t, x)
+        return (x - sigma * epsilon) / alpha
+
+    def epsilon_from_x1(self, x1: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """ε̂ = (x − α_t x̂1)/σ_t."""
+        alpha, sigma, _, _ = self._coefficients(t, x)
+        return (x - alpha * x1) / sigma
+
+    def diffusion_squared(self, t: Tensor) -> Tensor:
+        """g²(t) of the forward SDE with these marginals, in flow time: g² = 2σ_t² (α̇_t/α_t − σ̇_t/σ_t).
+
+        (In the diffusion's clock s = 1 − t this is d σ²/ds − 2 (d log α/ds) σ²; for VP it equals β(1 − t).)
+        """
+        s = self.schedule
+        alpha, sigma = s.alpha(t), s.sigma(t)
+        return 2 * sigma**2 * (s.d_alpha(t) / alpha - s.d_sigma(t) / sigma)
+
+    def prior_sample(self, x0: Tensor) -> Tensor:
+        """The ODE's starting point at t_min: σ_{t_min} x0 (N(0, σ_max² I) for VE, the source itself for OT)."""
+        sigma = self.schedule.sigma(torch.tensor(self.t_min, dtype=x0.dtype, device=x0.device))
+        return sigma * x0
+
+    def __repr__(self) -> str:
+        smoothing = "" if not self.has_smoothing else f", smoothing={self.smoothing}({self.smoothing_sigma})"
+        return f"AffinePath({self.schedule!r}{smoothing}, t=[{self.t_min}, {self.t_max}])"

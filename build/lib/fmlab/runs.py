@@ -1,0 +1,220 @@
+"""The run-dir contract: what a run leaves on disk (metrics.json, what tables and notebooks read; the config digest;
+checkpoints carrying their config), how a run is loaded back (`load_run`) or resumed in place (`resume_arguments`),
+and the lock that keeps two runs out of one run dir."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fmlab.errors import UserError, first_detail
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fmlab.data.interface import EvaluationData
+    from fmlab.module import FlowModule
+
+METRICS_FILE = "metrics.json"
+LOCK_FILE = ".fmlab.lock"
+UNHASHED_KEYS = ("paths", "hydra", "ckpt_path", "logger")  # where outputs go and who records them
+
+
+def config_digest(config: DictConfig) -> str:
+    """SHA-256 (first 16 hex digits) of the resolved config, leaving out where outputs go: equal digests, same run."""
+    container = OmegaConf.to_container(config, resolve=True)
+    for key in UNHASHED_KEYS:
+        container.pop(key, None)
+    text = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_atomically(target: Path, data: bytes | memoryview) -> None:
+    """Write `data` to `target` whole or not at all: a temp file beside it, flushed to disk, then renamed over it.
+    On failure (a full disk) the temp file is removed and `target` keeps what it held."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with partial.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_metrics(output_dir: str | Path, metrics: dict[str, Any]) -> Path:
+    """Write `metrics.json` atomically. It only grows: keys of the file already there that `metrics` lacks are kept
+    (a resumed run that measures less never erases what was measured before)."""
+    target = Path(output_dir) / METRICS_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    previous = read_metrics(target.parent) if target.is_file() else {}
+    merged = {**previous, **metrics}
+    text = json.dumps(merged, indent=2, sort_keys=True, default=str) + "\n"
+    write_atomically(target, text.encode())
+    return target
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+
+
+# where fmlab keeps its own entries (config, format, W&B run id) in a Lightning checkpoint
+CHECKPOINT_KEY = "fmlab"
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint written by `fmlab.train`, or a one-line error saying what is wrong with the file.
+
+    `mmap=True` maps the tensors instead of reading them: cheap when only the metadata is needed.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path} does not exist; give the path of a .ckpt file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as error:
+        raise UserError(f"ckpt_path={path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"ckpt_path={path} is not a Lightning checkpoint (it has no state_dict)")
+    return checkpoint
+
+
+def run_checkpoint(run_dir: str | Path) -> Path:
+    """<run dir>/checkpoints/last.ckpt, or a one-line error when the run saved none."""
+    checkpoint = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not checkpoint.exists():
+        raise UserError(
+            f"ckpt_path={run_dir} is a directory without checkpoints/last.ckpt (the run saved no checkpoint); "
+            "give a run dir that saved one, or a .ckpt file"
+        )
+    return checkpoint
+
+
+_held_locks: dict[Path, int] = {}  # run dir -> open file descriptor holding its lock, for this process's life
+
+
+def lock_run_dir(run_dir: str | Path) -> None:
+    """Hold an exclusive lock on `run_dir` for the rest of this process (idempotent within a process).
+
+    flock locks belong to the open file: the kernel releases them when the process ends, however it ends, so a
+    killed run never leaves its dir locked. A second run given the same dir gets a one-line error.
+    """
+    import fcntl
+
+    directory = Path(run_dir).resolve()
+    if directory in _held_locks:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+        os.close(descriptor)
+        raise UserError(
+            f"hydra.run.dir={run_dir} is in use by another fmlab run (pid {holder}); wait for it to end or choose "
+            "another run dir"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[directory] = descriptor
+
+
+def is_launching_process() -> bool:
+    """False in the extra ranks of a multi-process run (started by Lightning, torchrun or srun): they share the
+    launching process's run dir and must not take its lock."""
+    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
+
+
+def run_config(checkpoint: dict[str, Any], path: str | Path) -> DictConfig:
+    """The training config of a checkpoint: stored in it, or (older files) the run dir's .hydra/config.yaml."""
+    stored = checkpoint.get(CHECKPOINT_KEY, {}).get("config")
+    if stored is not None:
+        return OmegaConf.create(stored)
+    saved = Path(path).resolve().parent.parent / ".hydra" / "config.yaml"
+    if saved.is_file():
+        return OmegaConf.load(saved)
+    raise UserError(f"ckpt_path={path} carries no fmlab config and {saved} does not exist; cannot rebuild the run")
+
+
+def ema_weights(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The EMA callback's averaged weights saved in a checkpoint, if any."""
+    for name, state in checkpoint.get("callbacks", {}).items():
+        if name.startswith("EMA") and state.get("weights") is not None:
+            return state["weights"]
+    return None
+
+
+@dataclass
+class LoadedRun:
+    """A saved run, rebuilt: its system, the net to sample with, its data, its config, and its step."""
+
+    module: FlowModule
+    net: nn.Module  # the EMA weights when asked for and saved, else the trained net
+    datamodule: EvaluationData
+    config: DictConfig
+    step: int
+
+    def velocity_field(self):
+        """The PF-ODE drift of `net`: what samplers, the likelihood and the Evaluator take."""
+        return self.module.velocity_field(self.net)
+
+
+def load_run(path: str | Path, use_ema: bool = True) -> LoadedRun:
+    """Rebuild a run from a checkpoint file or a run dir (its checkpoints/last.ckpt) alone: the config stored in the
+    checkpoint builds the module and the datamodule, the weights are loaded, and `net` carries the EMA weights when
+    `use_ema` and the run kept them. Raises `UserError` with one line for anything wrong with the file."""
+    import copy
+
+    from hydra.utils import instantiate
+
+    from fmlab.module import FlowModule
+
+    if Path(path).is_dir():
+        path = run_checkpoint(path)
+    checkpoint = load_checkpoint(path)
+    config = run_config(checkpoint, path)
+    module = FlowModule.from_config(config)
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise UserError(f"ckpt_path={path} does not match the net its config builds: {first_detail(error)}") from None
+    net = module.net
+    weights = ema_weights(checkpoint) if use_ema else None
+    if weights is not None:
+        net = copy.deepcopy(module.net)
+        net.load_state_dict(weights)
+    return LoadedRun(module, net, instantiate(config.data), config, int(checkpoint.get("global_step", 0)))
+
+
+def resume_arguments(args: list[str], runs_dir: Path = Path("outputs/train/runs")) -> list[str]:
+    """`ckpt_path=<run dir>` or `ckpt_path=last` (the newest run under `runs_dir` with a checkpoint) resumes that
+    run in place: its own overrides first, then the given ones, its last.ckpt, and its run dir as Hydra's.
+    A `ckpt_path=<file>` starts a new run dir from that checkpoint."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith("ckpt_path=")]
+    if not values or (values[-1] != "last" and not Path(values[-1]).is_dir()):
+        return args
+    if values[-1] == "last":
+        candidates = sorted(p.parent.parent for p in runs_dir.glob("*/checkpoints/last.ckpt"))
+        if not candidates:
+            raise UserError(f"ckpt_path=last found no run with checkpoints/last.ckpt under {runs_dir}")
+        run_dir = candidates[-1]
+    else:
+        run_dir = Path(values[-1])
+    checkpoint = run_checkpoint(run_dir)
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    original = [str(o) for o in OmegaConf.load(saved)] if saved.is_file() else []
+    keep = [o for o in original if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    given = [a for a in args if not a.startswith("ckpt_path=")]
+    print(f"fmlab: resuming {run_dir} from {checkpoint.resolve().name}", flush=True)
+    return [*keep, *given, f"ckpt_path={checkpoint.resolve()}", f"hydra.run.dir={run_dir}"]

@@ -1,0 +1,154 @@
+"""Command-line checks that run before Hydra: a mistyped option or key, a bad value, or a run dir that cannot be
+used ends with one line, before Hydra writes anything into a run dir. The checks compose the config with Hydra itself,
+so whatever Hydra finds (options on `hydra.searchpath`, nested options such as `experiment=recipes/digits`) passes."""
+
+from __future__ import annotations
+
+import importlib.resources
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from omegaconf import DictConfig
+
+from fmlab.errors import UserError
+
+# the configs travel with the package: conf/ at the repository's top level is the package resource fmlab.conf
+CONFIG_MODULE = "fmlab.conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+CONFIG_DIR = Path(str(importlib.resources.files(CONFIG_MODULE)))
+
+
+def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The options fmlab ships for a config group: the yaml files under conf/<group>/."""
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+
+
+def parse_overrides(args: list[str]) -> list[Override]:
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except Exception as error:  # Hydra's grammar errors carry their own message.
+        raise UserError(str(error).splitlines()[0]) from None
+
+
+def representative_jobs(args: list[str]) -> list[list[str]]:
+    """Override lists that between them use every value of every sweep (`a=1,2 b=x,y` gives a=1 b=x, a=2 b=x,
+    a=1 b=y): composing each checks a multirun's options without composing all of its jobs."""
+    plain = [a for a in args if "=" in a and not a.startswith("-")]
+    parsed = parse_overrides(plain)
+    values = [
+        [str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for o in parsed
+    ]
+    keys = [o.get_key_element() for o in parsed]
+    first = [f"{k}={v[0]}" for k, v in zip(keys, values, strict=True)]
+    jobs = [first]
+    for index, options in enumerate(values):
+        for value in options[1:]:
+            jobs.append([*first[:index], f"{keys[index]}={value}", *first[index + 1 :]])
+    return jobs
+
+
+def is_single_run(args: list[str]) -> bool:
+    """A plain run: no multirun flag or sweep, no other Hydra flag (--cfg, --help, ...) that Hydra handles alone."""
+    if any(a.startswith("-") for a in args) or any(a.startswith("hparams_search=") for a in args):
+        return False
+    return not any(o.is_sweep_override() for o in parse_overrides(args))
+
+
+def condensed_composition_error(error: Exception) -> UserError:
+    """Hydra's multi-line composition errors as one line that still names the bad value (and the choices)."""
+    import re
+
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else type(error).__name__
+    options = re.search(r"(?:Available options in '[^']*':|Available options:)\n((?:\t.*\n?)*)", text)
+    listed = ", ".join(o.strip() for o in options.group(1).splitlines() if o.strip()) if options else ""
+    missing = re.search(r"Could not find '(.+)/([^/']+)'", first)
+    if missing:  # an option that does not exist: `data=nope`
+        return UserError(f"{missing.group(1)}={missing.group(2)} is not a valid choice; choose one of: {listed}")
+    if first.startswith("You must specify '"):  # a group without a default: `table: ???`
+        group = first.split("'")[1]
+        return UserError(f"{group} is required; choose one of: {listed}")
+    if first.startswith("Could not override '"):  # an unknown key
+        key = first.split("'")[1]
+        return UserError(f"{key} is not a key of the config; to add a new key write +{key}=<value>")
+    return UserError(" ".join(lines))
+
+
+def compose_for_checks(config_name: str, args: list[str]) -> DictConfig:
+    """The config Hydra is about to run, composed without running it (its `hydra` node included, unresolved)."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return compose(config_name, overrides=args, return_hydra_config=True)
+    except HydraException as error:
+        raise condensed_composition_error(error) from None
+
+
+def check_composes(config_name: str, args: list[str]) -> None:
+    """One line for an option or key Hydra cannot compose, in any job of a multirun over `args`."""
+    for job in representative_jobs(args):
+        compose_for_checks(config_name, job)
+
+
+def run_dir_override(args: list[str]) -> Path | None:
+    """The run dir a `hydra.run.dir=...` argument names (the last one wins), else None."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    return Path(values[-1]) if values else None
+
+
+def check_writable(directory: Path, name: str = "hydra.run.dir") -> None:
+    """One line when `directory` cannot be created or written: its nearest existing ancestor must be writable."""
+    import os
+
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is read-only"
+    else:
+        try:  # root passes os.access on read-only file systems: try for real, leaving nothing behind
+            import tempfile
+
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as error:
+            problem = f"{existing} cannot be written ({error.strerror})"
+    if problem:
+        raise UserError(f"{name}={directory} cannot be used: {problem}; choose a writable output dir")
+
+
+def run_entry_point(
+    hydra_main: Callable[[], object],
+    config_name: str | None = None,
+    preflight: Callable[[DictConfig, list[str]], None] | None = None,
+) -> None:
+    """What every `fmlab-<entry>` / `python -m fmlab.<entry>` does: compose the command line's config (a single run:
+    then `preflight(cfg, args)`; a multirun: one job per sweep value), then hand over to Hydra. A user error anywhere
+    ends as one line and exit status 2. Hydra's own flags (--help, --cfg, --shell-completion, ...) go straight on."""
+    from fmlab.errors import exit_on_user_error
+
+    @exit_on_user_error
+    def checked() -> None:
+        args = sys.argv[1:]
+        flags = [a for a in args if a.startswith("-")]
+        if config_name is not None and set(flags) <= {"-m", "--multirun"}:
+            if is_single_run(args):
+                cfg = compose_for_checks(config_name, args)
+                if preflight is not None:
+                    preflight(cfg, args)
+            else:
+                check_composes(config_name, args)
+        hydra_main()
+
+    checked()
