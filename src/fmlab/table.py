@@ -274,7 +274,6 @@ def run_sweeps(table: DictConfig, sweep_dir: Path, workers: int = 1) -> None:
         raise UserError(f"runs failed: {', '.join(failed)}; the finished ones stay in {sweep_dir}")
 
 
-@exit_on_user_error
 def make_table(cfg: DictConfig) -> str:
     sweep_dir = Path(cfg.sweep_dir)
     if cfg.run:
@@ -294,6 +293,7 @@ def make_table(cfg: DictConfig) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="table")
+@exit_on_user_error
 def hydra_main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
     make_table(cfg)

@@ -244,7 +244,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = FlowModule.from_config(cfg)
-    source = getattr(datamodule, "source", "gaussian")
+    source = datamodule.source
     if module.objective.needs_gaussian_source and source != "gaussian":
         raise UserError(
             f"data.source={source} cannot be used with method={cfg.method.name}: its objective "

@@ -69,7 +69,7 @@ class SampleLogger(L.Callback):
         was_training = module.training
         module.eval()
         try:
-            is_image = getattr(datamodule, "is_image", False)
+            is_image = datamodule.is_image
             x0 = datamodule.eval_source(min(self.num_samples, 256) if is_image else self.num_samples)
             trajectory_times = 0 if is_image else self.num_trajectory_times
             field = module.velocity_field(sampling_net(trainer, module))
@@ -79,7 +79,7 @@ class SampleLogger(L.Callback):
         if not trainer.is_global_zero:
             return None
         title = f"step {trainer.global_step}: {len(result.samples)} samples, NFE {result.nfe}"
-        if getattr(datamodule, "is_image", False):
+        if datamodule.is_image:
             fig = plot_image_grid(result.samples, title)
         else:
             fig = plot_2d_samples(datamodule.held_out(self.num_samples), result, self.num_trajectories, title)

@@ -83,9 +83,12 @@ def condensed_composition_error(error: Exception) -> UserError:
 def compose_for_checks(config_name: str, args: list[str]) -> DictConfig:
     """The config Hydra is about to run, composed without running it (its `hydra` node included, unresolved)."""
     from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
     try:
+        if GlobalHydra.instance().is_initialized():  # inside a running fmlab app: its search path holds fmlab.conf
+            return compose(config_name, overrides=args, return_hydra_config=True)
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             return compose(config_name, overrides=args, return_hydra_config=True)
     except HydraException as error:

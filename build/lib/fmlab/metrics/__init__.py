@@ -1,1 +1,0 @@
-"""Sample-quality metrics."""
