@@ -286,7 +286,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 write_metrics(output_dir, metrics)  # what was measured before the solver gave up
             if not _in_multirun():
                 raise
-            print(f"fmlab: warning: {failure}", flush=True)  # a sweep goes on; this job's metric is NaN
+            print(f"fmlab: warning: {failure}", flush=True)  # a sweep goes on; this job gets the worst value
+            end_process_group()
             return metrics
         metrics = run_metrics(cfg, trainer, module, callbacks, evaluation)
         metrics["wall_seconds"] = time.perf_counter() - started
