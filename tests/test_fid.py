@@ -114,3 +114,26 @@ def test_reference_statistics_are_cached_and_read_back(tmp_path: Path) -> None:
     for name, value in first.items():
         assert torch.equal(value, second[name]) and torch.equal(getattr(metric, name).cpu(), value)
     assert cache.name.endswith(f"-{len(images)}.pt")
+
+
+def test_fid_agrees_with_torch_fidelity_on_the_same_image_folders(inception_weights, tmp_path: Path) -> None:
+    import torch_fidelity
+    from PIL import Image
+
+    from fmlab.metrics.fid import to_inception_input
+
+    real_images = DigitsDataModule().reference_images()[:120]
+    fake_images = torch.rand(real_images.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1  # uniform noise
+    folders = {"real": to_inception_input(real_images), "fake": to_inception_input(fake_images)}
+    for name, pixels in folders.items():  # the two folders torch-fidelity reads: 8x8 RGB PNGs
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(pixels):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / name / f"{i:04d}.png")
+    metric, prepare = build_fid("inception", weights_path=str(inception_weights), inception_dims=64)
+    ours = fid_of(metric, lambda x: x, folders["real"], folders["fake"])  # the same uint8 pixels as the files
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(tmp_path / "fake"), input2=str(tmp_path / "real"), fid=True, feature_layer_fid="64",
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(inception_weights),
+        cuda=False, cache=False, verbose=False,
+    )["frechet_inception_distance"]  # fmt: skip
+    assert ours > 0 and ours == pytest.approx(theirs, rel=1e-3)

@@ -105,6 +105,17 @@ def log_likelihood(
     return LikelihoodResult(log_prob=gaussian_log_prob(x0, prior_std) + delta, nfe=field.nfe, prior_point=x0)
 
 
+def importance_weighted_log_prob(log_probs: Tensor) -> Tensor:
+    """The importance-weighted dequantisation bound of K uniform dequantisations u_k of the same images:
+
+        log P(k) ≥ log (1/K) Σ_k p(k + u_k),   u_k ~ U[0, 1)^D,
+
+    from `log_probs` of shape (K, batch) (Burda et al. 2016, Eq. 8, with the uniform dequantiser as proposal;
+    Lipman et al. 2023 report CIFAR-10 FM-OT BPD 3.11 → 2.99 as K goes 1 → 50). It tightens with K; at K = 1 it is the
+    plain dequantised log-likelihood, and for every K it is ≥ the mean of the K single estimates (Jensen)."""
+    return torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
+
+
 def bits_per_dim(log_prob: Tensor, num_dims: int, data_scale: float = 256.0 / 2.0) -> Tensor:
     """BPD of 8-bit data: the model's density is on [-1, 1]-scaled, uniformly dequantised images
     x = (k + u)/(256/2) − 1 with k ∈ {0..255}, u ~ U[0, 1)^D. Its density on the 256-bin grid of width 1 is

@@ -96,10 +96,12 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
-        """The first `n` test images (all of them at most), dequantised with noise fixed per (seed, index)."""
+    def held_out(self, n: int | None = None, index: int = 0, dequantization: int = 0) -> Tensor:
+        """The first `n` test images (all of them at most), dequantised with noise fixed per (seed, index); further
+        `dequantization` draws of the same images (k = 1, 2, ...) take noise fixed per (seed, index, k)."""
         levels = self.test_levels[: n or len(self.test_levels)]
-        noise = torch.rand(levels.shape, generator=seeded_generator(self.seed, "held_out", index))
+        stream = (self.seed, "held_out", index, *([dequantization] if dequantization else []))
+        noise = torch.rand(levels.shape, generator=seeded_generator(*stream))
         return dequantize(levels, self.num_levels, noise)
 
     def reference_images(self) -> Tensor:

@@ -59,8 +59,13 @@ def build_fid(feature: str = "inception", weights_path: str | None = None, incep
     if weights_path is not None and not Path(weights_path).is_file():
         raise UserError(f"eval.fid.weights_path={weights_path} does not exist; give the path of {INCEPTION_FILE}")
     try:
+        # antialias=False: resize to 299 as torch-fidelity and the original TF FID do (torchmetrics' default
+        # antialiased resize changes the features, here by up to 14%, so its FID is not the papers' FID)
         metric = FrechetInceptionDistance(
-            feature=inception_dims, reset_real_features=False, feature_extractor_weights_path=weights_path
+            feature=inception_dims,
+            reset_real_features=False,
+            feature_extractor_weights_path=weights_path,
+            antialias=False,
         )
     except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError
         if weights_path is not None:
@@ -73,8 +78,9 @@ def build_fid(feature: str = "inception", weights_path: str | None = None, incep
 
 
 def extractor_digest(metric: nn.Module) -> str:
-    """A short hash of the feature extractor's weights: the cache key that tells two extractors apart."""
+    """A short hash of the feature extractor's weights and resize mode: the cache key that tells extractors apart."""
     digest = hashlib.sha256()
+    digest.update(f"antialias={getattr(metric.inception, 'use_antialias', None)}".encode())
     for name, tensor in sorted(metric.inception.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
