@@ -299,6 +299,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="steps before the first timed chunk")
     parser.add_argument("--chunk", type=int, default=100, help="steps per timed chunk of each side (U-Net: 1/20)")
     args = parser.parse_args()
+    from fmlab.utils.console import quiet_third_party_output
+
+    quiet_third_party_output()  # as the entry points: no tips or third-party deprecations between the rows
     small = max(args.chunk // 20, 1)
     rows = [
         compare("train step, FM-OT 2D MLP (default job)", [], args.steps, args.warmup, args.chunk),

@@ -16,6 +16,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from fmlab.errors import first_detail
 from fmlab.runs import write_atomically
 
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
@@ -72,7 +73,7 @@ class FallbackWandbLogger(WandbLogger):
             try:
                 return super().experiment
             except Exception as error:
-                reason = " ".join(str(error).split())[:300]
+                reason = first_detail(error)
                 print(f"fmlab: W&B could not start online ({type(error).__name__}: {reason}); logging offline "
                       "instead (sync later with `wandb sync`)", file=sys.stderr, flush=True)  # fmt: skip
                 self._offline, self._experiment = True, None
