@@ -47,7 +47,10 @@ def evaluate(run_dir: Path, out: Path, *overrides: str) -> dict:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     return {
-        "moons": train_run(root / "moons", "callbacks.evaluator.every_n_steps=100"),
+        # the checkpoint watches the periodic evaluation's W2 (callback_metrics), as a user's monitor would
+        "moons": train_run(
+            root / "moons", "callbacks.evaluator.every_n_steps=100", "callbacks.model_checkpoint.monitor=eval/w2"
+        ),
         "digits": train_run(root / "digits", "data=digits"),
     }
 
@@ -85,6 +88,13 @@ def test_periodic_evaluation_logs_every_n_steps_and_at_the_end(runs) -> None:
         logged = [row for row in csv.DictReader(handle) if row.get("eval/w2")]
     assert [int(row["step"]) for row in logged] == [100, 200, 300]
     assert float(logged[-1]["eval/w2"]) == pytest.approx(history[-1]["w2"], rel=1e-6)
+    # the epoch-end checkpoint (step 300, before the final evaluation) saw the W2 of step 200 through its monitor
+    import torch
+
+    checkpoint = torch.load(runs["moons"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert state["monitor"] == "eval/w2"
+    assert float(state["best_model_score"]) == pytest.approx(history[1]["w2"], rel=1e-6)
 
 
 @pytest.mark.parametrize(
