@@ -66,8 +66,20 @@ class CheckpointOnSigterm(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.world_size > 1 or not getattr(trainer, "received_sigterm", False):
             return
+        self._flush_step_logs(trainer)
         self._save(trainer)
         raise SystemExit(SIGTERM_EXIT_STATUS)
+
+    @staticmethod
+    def _flush_step_logs(trainer: L.Trainer) -> None:
+        """Lightning hands a step's logged values to the loggers only after the `on_train_batch_end` hooks: a run
+        leaving from this hook would lose the row of its last step (kept across a resume otherwise). Hand them over
+        and save the loggers first, as Lightning's loop would."""
+        connector = trainer._logger_connector
+        connector.on_batch_end()
+        connector.update_train_step_metrics()
+        for logger in trainer.loggers:
+            logger.save()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """A signal that lands after an epoch's last step (while the epoch-end checkpoint is written) is raised by
