@@ -166,11 +166,10 @@ def test_sigterm_during_the_final_evaluation_exits_143_and_the_resumed_run_evalu
     slow_eval = ["data.num_eval_samples=2000", "eval.num_draws=16"]
     signal_late = "+callbacks.signal={_target_: tests.signals.SignalAfterTraining, delay: 1.0}"
     args = [*RUN, *slow_eval, "callbacks.sample_logger=null", f"hydra.run.dir={run_dir}"]
-    started = time.monotonic()
     killed = run_cli("fmlab.train", *args, signal_late, cwd=REPO_ROOT)
+    # 143 and no metrics.json: it left during the evaluation (an ignored signal ends in 0 with metrics written)
     assert killed.returncode == 143, killed.stderr[-3000:]
     assert "fmlab: SIGTERM" in killed.stdout and "is kept; resume with ckpt_path=" in killed.stdout
-    assert time.monotonic() - started < 60  # promptly, not after the 16 draws
     assert not (run_dir / "metrics.json").exists()
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 200
@@ -329,7 +328,6 @@ def test_wandb_disabled_writes_no_run_and_a_rejected_key_falls_back_to_offline(t
     # a well-formed key the service rejects or cannot check: here a closed local port answers for the service
     env = {**env, "WANDB_MODE": "online", "WANDB_API_KEY": "0123456789abcdef" * 2 + "01234567",
            "WANDB_BASE_URL": "http://127.0.0.1:9"}  # fmt: skip
-    started = time.monotonic()
     rejected = subprocess.run(
         [sys.executable, "-m", "fmlab.train", *short, "logger=wandb", "logger.wandb.init_timeout=5",
          f"hydra.run.dir={tmp_path / 'rejected'}"],
@@ -338,4 +336,3 @@ def test_wandb_disabled_writes_no_run_and_a_rejected_key_falls_back_to_offline(t
     assert rejected.returncode == 0, rejected.stderr[-3000:]
     assert "fmlab: W&B could not start online" in rejected.stderr and "logging offline instead" in rejected.stderr
     assert list((tmp_path / "rejected").glob("wandb/offline-run-*/run-*.wandb"))
-    assert time.monotonic() - started < 100

@@ -58,6 +58,11 @@ def config_tree(cfg: DictConfig, output_dir: str | Path | None = None) -> None:
             branch.add(str(value))
     Console().print(tree)
     if output_dir is not None:
+        import io
+
+        from fmlab.runs import write_atomically
+
+        text = io.StringIO()
+        Console(file=text, width=120, color_system=None).print(tree)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        with (Path(output_dir) / "config_tree.log").open("w") as handle:
-            Console(file=handle, width=120, color_system=None).print(tree)
+        write_atomically(Path(output_dir) / "config_tree.log", text.getvalue().encode())
