@@ -108,7 +108,7 @@ class ImageDataModule(L.LightningDataModule):
         """The FID reference set: every training image at its bin centre."""
         return bin_centers(self.train_levels, self.num_levels)
 
-    def eval_source(self, n: int | None = None, draw: int = 0, chunk: int = 0) -> Tensor:
+    def eval_source(self, n: int | None = None, draw: int = 0, chunk: int = 0, start: int = 0) -> Tensor:
         """Fixed N(0, I) noise from which evaluation generates, one batch per (draw, chunk)."""
         g = seeded_generator(self.seed, "eval_source", draw, chunk)
         return torch.randn(n or self.num_eval_samples, *self.data_shape, generator=g)

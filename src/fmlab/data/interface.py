@@ -24,6 +24,7 @@ class EvaluationData(Protocol):
         """`n` data points never trained on, fixed per `index`."""
         ...
 
-    def eval_source(self, n: int | None = None, draw: int = 0, chunk: int = 0) -> Tensor:
-        """`n` source samples to generate from, fixed per (`draw`, `chunk`)."""
+    def eval_source(self, n: int | None = None, draw: int = 0, chunk: int = 0, start: int = 0) -> Tensor:
+        """`n` source samples to generate from, fixed per (`draw`, `chunk`); `start` is the chunk's first row in the
+        draw (a finite source split takes its rows from there)."""
         ...

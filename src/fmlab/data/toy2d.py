@@ -219,7 +219,7 @@ class Toy2DDataModule(L.LightningDataModule):
         """A fixed set of `n` data samples per (dataset, seed, index), never seen in training."""
         return self.target_sampler(n or self.num_eval_samples, seeded_generator(self.seed, "held_out", index))
 
-    def eval_source(self, n: int | None = None, draw: int = 0, chunk: int = 0) -> Tensor:
+    def eval_source(self, n: int | None = None, draw: int = 0, chunk: int = 0, start: int = 0) -> Tensor:
         """Fixed batches of source samples x0 from which evaluation generates, one per (`draw`, `chunk`)."""
         g = seeded_generator(self.seed, "eval_source", draw, chunk)
         return self.source_sampler(n or self.num_eval_samples, g)
