@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import ot
 from torch import Tensor
@@ -51,3 +53,12 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] | list[float] = 
     within_x = (k_xx.sum() - np.trace(k_xx)) / (n * (n - 1))
     within_y = (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
     return float(within_x + within_y - 2.0 * k_xy.mean())
+
+
+def normalized_path_energy(path_energy: float, transport_cost: float) -> float:
+    """Tong et al. 2024's normalized path energy NPE = |PE − W2²(q0, q1)| / W2²(q0, q1): how far a flow's kinetic
+    energy PE = E ∫ ‖v_t(x_t)‖² dt is from the least any flow between q0 and q1 can have (0 for the OT map's
+    straight paths). NaN when either is not finite."""
+    if not (math.isfinite(path_energy) and math.isfinite(transport_cost)) or transport_cost <= 0:
+        return math.nan
+    return abs(path_energy - transport_cost) / transport_cost
