@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+# the seed of every validation batch's draws (offset by the batch index)
+VALIDATION_SEED = 20_240_101
 SchedulerFactory = Callable[..., Any]
 
 
@@ -86,6 +88,20 @@ class FlowModule(L.LightningModule):
         noise = torch.randn_like(x1) if self.path.has_smoothing else None
         loss = self.objective.loss(self.net, self.path, t, x0, x1, noise)
         self._log_running_loss(loss)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """The training loss on a validation batch (datamodules with a val split), logged as `val/loss`: what a
+        best-val-loss checkpoint monitors. Its random draws (t, noise, a Sinkhorn plan's pairs) are fixed per batch,
+        so successive validations differ only by the weights; the training streams are left as they were."""
+        devices = [batch[1].device] if batch[1].device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(VALIDATION_SEED + batch_idx)
+            x0, x1 = self.coupling(*batch)
+            t = self.objective.sample_time(self.path, x1.shape[0], device=x1.device, dtype=x1.dtype)
+            noise = torch.randn_like(x1) if self.path.has_smoothing else None
+            loss = self.objective.loss(self.net, self.path, t, x0, x1, noise)
+        self.log("val/loss", loss, on_epoch=True, batch_size=x1.shape[0], sync_dist=True)
         return loss
 
     def _log_running_loss(self, loss: Tensor) -> None:

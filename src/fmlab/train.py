@@ -44,6 +44,8 @@ def _local_multirun() -> bool:
 # come from the checkpoint (Lightning would restore the old ones over the new values without a word)
 RESUME_FIXED_KEYS = ("method", "net", "path", "schedule", "objective", "coupling", "data", "optimizer", "scheduler",
                      "scheduler_interval", "seed")  # fmt: skip
+# the weights the final evaluation measures: the end of training, or a monitoring checkpoint's best
+EVAL_CHECKPOINTS = ("last", "best")
 # settings of those groups that only say where data lives or how it is evaluated
 RESUME_FREE_KEYS = ("data.num_eval_samples", "data.num_workers", "data.data_dir")
 
@@ -61,6 +63,11 @@ def validate_config(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if lr is not None and (not _is_number(lr) or lr <= 0):
         raise UserError(f"optimizer.lr={lr!r} is invalid; it must be a positive number such as 2e-3")
+    if cfg.get("eval_checkpoint", "last") not in EVAL_CHECKPOINTS:
+        raise UserError(
+            f"eval_checkpoint={cfg.eval_checkpoint} is not one of {', '.join(EVAL_CHECKPOINTS)}: the weights at the "
+            "end of training, or the best checkpoint of a monitoring ModelCheckpoint (callbacks=best_val)"
+        )
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise UserError(f"seed={seed!r} is invalid; it must be a whole number from 0 to 2**32 - 1")
@@ -223,7 +230,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from fmlab.callbacks import PeriodicEvaluation, build_callbacks
-    from fmlab.callbacks.resume import SIGTERM_EXIT_STATUS, AtomicCheckpointIO
+    from fmlab.callbacks.resume import SIGTERM_EXIT_STATUS, AtomicCheckpointIO, restore_best_checkpoint
     from fmlab.distributed import end_process_group
     from fmlab.module import FlowModule, net_parameters
     from fmlab.runs import is_launching_process, load_checkpoint, lock_run_dir, write_metrics
@@ -279,7 +286,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 print(f"fmlab: SIGTERM at the end of training: {kept}", flush=True)
                 raise SystemExit(SIGTERM_EXIT_STATUS)
             with exit_on_sigterm(f"fmlab: SIGTERM during the final evaluation: {kept}"):
+                chosen = restore_best_checkpoint(trainer, module) if cfg.eval_checkpoint == "best" else {}
                 evaluation = evaluator.final(trainer, module) if evaluator is not None else {}
+                evaluation.update(chosen)
         except SolverError as failure:
             metrics = run_metrics(cfg, trainer, module, callbacks, {"eval_error": str(failure), "diverged": True})
             if trainer.is_global_zero:

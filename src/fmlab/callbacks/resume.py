@@ -124,3 +124,35 @@ class StopOnNonFiniteLoss(L.Callback):
             f"the training loss became {loss.item()} at step {trainer.global_step}; {kept} "
             "(lower optimizer.lr, or check the data and schedule)"
         )
+
+
+def restore_best_checkpoint(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+    """Load the weights (and the EMA copy) of the best checkpoint kept by the first `ModelCheckpoint` that monitors
+    a metric, e.g. `callbacks=best_val`'s lowest `val/loss`, into `module`; what metrics.json records about it."""
+    from fmlab.callbacks.ema import EMA
+    from fmlab.runs import ema_weights, load_checkpoint
+
+    monitored = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
+    if not monitored:
+        raise UserError(
+            "eval_checkpoint=best needs a checkpoint callback with a monitor (callbacks=best_val keeps the lowest "
+            "val/loss, or set callbacks.model_checkpoint.monitor); choose eval_checkpoint=last otherwise"
+        )
+    callback = monitored[0]
+    if not callback.best_model_path or not Path(callback.best_model_path).is_file():
+        raise UserError(
+            f"eval_checkpoint=best: no checkpoint monitoring {callback.monitor} was saved (does the data have a "
+            "validation split, and did validation run before the last step?); choose eval_checkpoint=last"
+        )
+    checkpoint = load_checkpoint(callback.best_model_path)
+    module.load_state_dict(checkpoint["state_dict"])
+    averaged = ema_weights(checkpoint)
+    for ema in (c for c in trainer.callbacks if isinstance(c, EMA) and c.net is not None):
+        if averaged is not None:
+            ema.net.load_state_dict(averaged)
+    return {
+        "eval_checkpoint": "best",
+        "eval_checkpoint_step": int(checkpoint.get("global_step", 0)),
+        "eval_checkpoint_monitor": callback.monitor,
+        "eval_checkpoint_score": float(callback.best_model_score),
+    }
