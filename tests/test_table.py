@@ -98,19 +98,22 @@ def test_published_numbers_sit_beside_the_measured_ones_and_missing_runs_stay_mi
 
 
 def test_columns_can_join_fields_and_show_their_own_metrics(tmp_path: Path) -> None:
-    write_run(tmp_path, "a", method="otcfm", source="8gaussians", data="moons", seed=0, w2=0.5, w2_floor=0.07)
-    write_run(tmp_path, "b", method="fm_ot", source="8gaussians", data="moons", seed=0, w2=0.6, w2_floor=0.07)
+    pair = {"source": "tong_pair_moons", "data": "tong_pair_8gaussians", "seed": 42, "w2_floor": 1.5}
+    write_run(tmp_path, "a", method="otcfm", w2=0.5, normalized_path_energy=0.1, **pair)
+    write_run(tmp_path, "b", method="fm_ot", w2=0.6, **pair)
     tong = table_config("tong2d")
     lines = render_markdown(tong, aggregate(collect_metrics(tmp_path), tong.rows, tong.columns)).splitlines()
-    assert next(line for line in lines if line.startswith("| OT-CFM |")).split(" | ")[2] == "0.500 (n=1) (paper 0.601)"
-    assert next(line for line in lines if line.startswith("| FM |")).split(" | ")[2] == "0.600 (n=1) (paper –)"
+    ot_cfm = next(line for line in lines if line.startswith("| OT-CFM |")).split(" | ")
+    assert ot_cfm[3:5] == ["0.500 (n=1) (paper 0.601)", "0.100 (n=1)"]  # the paper's NPE is not transcribed
+    assert next(line for line in lines if line.startswith("| FM |")).split(" | ")[3] == "0.600 (n=1)"
+    assert next(line for line in lines if line.startswith("| floor")).split(" | ")[3] == "1.500 ± 0.000 (n=2)"
     write_run(tmp_path, "c", method="ddpm", source="gaussian", data="digits", seed=0, fid=9.0, bpd=2.0, nfe=200)
     small = table_config("cpu_small")
     header = render_markdown(small, aggregate(collect_metrics(tmp_path), small.rows, small.columns)).splitlines()[2]
     assert header == "| method | digits: fid | digits: bpd | digits: nfe | moons: w2 | moons: nll | moons: nfe |"
 
 
-@pytest.mark.parametrize("name", ["methods2d", "digits", "cpu_small", "tong2d", "lipman_table1"])
+@pytest.mark.parametrize("name", ["methods2d", "digits", "cpu_small", "tutorial2d", "tong2d", "lipman_table1"])
 def test_every_table_sweep_runs_into_its_own_cells_and_covers_every_published_number(name: str) -> None:
     table = table_config(name)
     covered = set()

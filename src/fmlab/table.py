@@ -200,8 +200,11 @@ def pending_launches(table: DictConfig, sweep_dir: Path, whole_sweeps: bool = Tr
     """The launches that fill in `table`'s runs missing from `<sweep_dir>/<sweep name>`. A sweep with no finished
     run is one multirun when `whole_sweeps`; otherwise, and for a partly finished sweep (a kill, a crash, fewer
     seeds before), each missing job is its own launch, into the run dir the whole multirun would have given it."""
-    launches, subdir = [], job_subdir_pattern()
+    per_sweep: list[list[Launch]] = []
+    subdir = job_subdir_pattern()
     for name, overrides in table.sweeps.items():
+        launches: list[Launch] = []
+        per_sweep.append(launches)
         target = sweep_dir / name
         args = [*table.common, *overrides]
         check_composes("train", args)
@@ -232,7 +235,16 @@ def pending_launches(table: DictConfig, sweep_dir: Path, whole_sweeps: bool = Tr
             )
             for index, job in missing
         ]
-    return launches
+    return interleaved(per_sweep)
+
+
+def interleaved(per_sweep: list[list[Launch]]) -> list[Launch]:
+    """The sweeps' launches taken in turn, one from each: a table stopped part-way (a kill, the end of a session)
+    has its cells filled to about the same number of seeds, not some cells finished and others not started."""
+    order: list[Launch] = []
+    for position in range(max((len(launches) for launches in per_sweep), default=0)):
+        order += [launches[position] for launches in per_sweep if position < len(launches)]
+    return order
 
 
 def threads_per_worker(workers: int, cpus: int | None = None) -> int:
