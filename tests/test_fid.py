@@ -137,3 +137,79 @@ def test_fid_agrees_with_torch_fidelity_on_the_same_image_folders(inception_weig
         cuda=False, cache=False, verbose=False,
     )["frechet_inception_distance"]  # fmt: skip
     assert ours > 0 and ours == pytest.approx(theirs, rel=1e-3)
+
+
+def write_image_folders(tmp_path: Path, real_images: torch.Tensor, fake_images: torch.Tensor) -> dict[str, Path]:
+    """The uint8 RGB PNG folders torch-fidelity reads, holding exactly the pixels fmlab's extractor sees."""
+    from PIL import Image
+
+    from fmlab.metrics.fid import to_inception_input
+
+    folders = {}
+    for name, images in {"real": real_images, "fake": fake_images}.items():
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for i, image in enumerate(to_inception_input(images)):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folders[name] / f"{i:04d}.png")
+    return folders
+
+
+def digits_and_noise(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    real = DigitsDataModule().reference_images()[:n]
+    # integer levels survive the PNG round trip exactly
+    fake = torch.randint(0, 256, real.shape, generator=torch.Generator().manual_seed(1)) / 127.5 - 1
+    return real, fake
+
+
+def test_kid_and_precision_recall_agree_with_torch_fidelity_on_the_same_folders(inception_weights, tmp_path) -> None:
+    import torch_fidelity
+
+    from fmlab.metrics.fidelity import build_extractor, extract, fidelity_metrics
+
+    real, fake = digits_and_noise(150)
+    folders = write_image_folders(tmp_path, real, fake)
+    extractor = build_extractor("inception", str(inception_weights), inception_dims=64)
+    ours = fidelity_metrics(("kid", "prc"), extract(extractor, fake), extract(extractor, real)[0], kid_subset_size=100)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(folders["fake"]), input2=str(folders["real"]), kid=True, prc=True, feature_layer_kid="64",
+        feature_layer_prc="64", kid_subset_size=100, feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=str(inception_weights), cuda=False, cache=False, verbose=False,
+    )  # fmt: skip
+    assert ours["kid"] > 0 and ours["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-3)
+    assert (ours["precision"], ours["recall"]) == (theirs["precision"], theirs["recall"])
+
+
+@pytest.mark.slow
+def test_inception_score_agrees_with_torch_fidelity_through_the_full_network(inception_weights, tmp_path) -> None:
+    import torch_fidelity
+
+    from fmlab.metrics.fidelity import build_extractor, extract, fidelity_metrics
+
+    real, fake = digits_and_noise(40)
+    folders = write_image_folders(tmp_path, real, fake)
+    extractor = build_extractor("inception", str(inception_weights), inception_dims=2048)
+    ours = fidelity_metrics(("isc",), extract(extractor, fake), extract(extractor, real)[0])
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(folders["fake"]), isc=True, feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=str(inception_weights), cuda=False, cache=False, verbose=False,
+    )  # fmt: skip
+    assert ours["inception_score"] == pytest.approx(theirs["inception_score_mean"], rel=1e-4)
+
+
+def test_digits_features_score_a_blurred_test_set_clearly_worse_than_the_test_set() -> None:
+    from torch.nn.functional import avg_pool2d
+
+    from fmlab.metrics.fidelity import build_extractor, extract, fidelity_metrics
+
+    data = DigitsDataModule()
+    test = bin_centers(data.test_levels, 17)
+    blurred = avg_pool2d(test, 3, stride=1, padding=1, count_include_pad=False)  # a 3x3 box blur
+    extractor = build_extractor("digits")
+    reference = extract(extractor, data.reference_images())[0]
+    names = ("isc", "kid", "prc")
+    sharp = fidelity_metrics(names, extract(extractor, test), reference, kid_subset_size=300)
+    blurry = fidelity_metrics(names, extract(extractor, blurred), reference, kid_subset_size=300)
+    assert blurry["kid"] > 5 * max(sharp["kid"], 1e-3)
+    assert blurry["precision"] < sharp["precision"] - 0.2
+    assert blurry["inception_score"] < sharp["inception_score"]
+    assert sharp["inception_score"] > 7  # ten well-separated classes, equally represented: IS near 10

@@ -278,14 +278,16 @@ def test_evaluator_flags_non_finite_samples_for_points_and_images(data: str, tmp
     path = AffinePath(CondOT())
     module = FlowModule(ExplodedNet(), path, VelocityObjective())
     if data == "moons":
-        datamodule, metric = Toy2DDataModule("moons", num_eval_samples=200), "w2"
+        datamodule, metrics, extra = Toy2DDataModule("moons", num_eval_samples=200), ["w2"], ()
     else:
-        datamodule, metric = DigitsDataModule(num_eval_samples=200), "fid"
+        datamodule, extra = DigitsDataModule(num_eval_samples=200), ("isc", "kid", "prc")
+        metrics = ["fid", "inception_score", "kid", "precision", "recall"]
     evaluator = Evaluator(ODESolver("euler", num_steps=2), 200, num_draws=2, nll_samples=0,
-                          fid={"cache_dir": str(tmp_path)})  # fmt: skip
+                          fid={"cache_dir": str(tmp_path)}, fidelity_metrics=extra)  # fmt: skip
     results = evaluator.evaluate(module.velocity_field(), datamodule)
     assert results["diverged"] is True and results["nonfinite_samples"] == 2 * 3
-    assert math.isnan(results[metric]) and all(math.isnan(v) for v in results[f"{metric}_draws"])
+    for metric in metrics:  # the other images would score: a NaN image makes the whole draw NaN
+        assert math.isnan(results[metric]) and all(math.isnan(v) for v in results[f"{metric}_draws"])
 
 
 def test_adaptive_solvers_stop_at_max_nfe_with_one_line() -> None:

@@ -22,6 +22,7 @@ from fmlab.distributed import Ranks, chunk_sizes, gather_chunks
 from fmlab.errors import UserError, choices_error
 from fmlab.likelihood import DIVERGENCES, bits_per_dim, importance_weighted_log_prob, log_likelihood
 from fmlab.metrics.distances import DEFAULT_BANDWIDTHS, mmd_rbf, normalized_path_energy, wasserstein2
+from fmlab.metrics.fidelity import check_metrics
 from fmlab.sampling import AncestralSampler, ODESolver, VelocityField, path_energy, sample
 
 # the PF-ODE likelihood when the evaluation solver has none (the ancestral sampler): the papers' dopri5 at 1e-5
@@ -142,6 +143,7 @@ class Evaluator:
         dequantization_samples: int = 1,
         progress: bool = False,
         path_energy: bool = False,
+        fidelity_metrics: list[str] | tuple[str, ...] = (),
     ) -> None:
         if num_samples < 2 or num_draws < 1 or batch_size < 1 or nll_samples < 0:
             raise UserError(
@@ -169,6 +171,8 @@ class Evaluator:
         self.dequantization_samples = dequantization_samples
         self.progress = progress
         self.path_energy = path_energy
+        self.fidelity_metrics = check_metrics(fidelity_metrics)
+        self._fidelity: tuple[Any, Tensor] | None = None  # (extractor, reference features), built once
         self._tick: Callable[[], Any] | None = None
         self._fid: tuple[Any, Any, Any] | None = None  # (metric, prepare, reference states), built once
 
@@ -288,6 +292,7 @@ class Evaluator:
         device = next(field.parameters()).device
         metric, prepare = self.fid_metric(datamodule, device, ranks)
         fid, nfe, nonfinite = [], [], 0
+        per_draw: dict[str, list[float]] = {}
         for _, samples, chunk_nfe in self._generate_draws(
             field, datamodule, ranks, on_chunk=lambda x: metric.update(prepare(x), real=False)
         ):
@@ -295,11 +300,39 @@ class Evaluator:
             metric.reset()  # keeps the reference (reset_real_features=False)
             bad = count_nonfinite(samples)
             fid.append(math.nan if bad else value)  # prepare() clamps pixels: a NaN image would still score
+            if self.fidelity_metrics:
+                scores = self._fidelity_of(samples, datamodule)
+                for name, score in scores.items():
+                    per_draw.setdefault(name, []).append(math.nan if bad else score)
             nfe += chunk_nfe
             nonfinite += bad
         # Lipman et al. 2023 and ADM take FID against the training set's statistics
         fid_meta = {"fid_reference": "train", "fid_feature": self.fid_options.get("feature") or datamodule.fid_feature}
-        return {**over_draws("fid", fid), **fid_meta, **nfe_stats(nfe), "nonfinite_samples": nonfinite}
+        results = {**over_draws("fid", fid), **fid_meta, **nfe_stats(nfe), "nonfinite_samples": nonfinite}
+        for name, values in per_draw.items():
+            results.update(over_draws(name, values))
+        return results
+
+    def _fidelity_of(self, samples: Tensor, datamodule: Any) -> dict[str, float]:
+        """IS, KID, precision/recall of one draw's gathered samples (every rank computes the same numbers) against
+        a fixed, seeded subset of the reference (training) images as large as the draw, in FID's feature space."""
+        from fmlab.metrics.fidelity import build_extractor, extract, fidelity_metrics
+
+        if self._fidelity is None:
+            options = self.fid_options
+            extractor = build_extractor(
+                options.get("feature") or datamodule.fid_feature,
+                options.get("weights_path"),
+                options.get("inception_dims", 2048),
+            )
+            images = datamodule.reference_images()
+            chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: self.num_samples]
+            device = samples.device
+            reference, _ = extract(extractor, images[chosen].to(device), self.batch_size)
+            self._fidelity = (extractor, reference)
+        extractor, reference = self._fidelity
+        generated = extract(extractor, samples, self.batch_size)
+        return fidelity_metrics(self.fidelity_metrics, generated, reference)
 
     def negative_log_likelihood(self, field: VelocityField, datamodule: Any, ranks: Ranks) -> dict[str, Any]:
         """Mean NLL of the held-out set through the PF-ODE, chunked over ranks like generation."""
