@@ -125,11 +125,15 @@ def test_nfe_sweep_writes_quality_against_exact_nfe(runs, tmp_path: Path) -> Non
         "sweep.fixed_step_methods=[euler,rk4]",
         "sweep.num_steps=[1,4,32]",
         "sweep.tolerances=[1e-2,1e-5]",
+        "sweep.stochastic_methods=[euler_maruyama,edm_heun]",
+        "sweep.stochastic_num_steps=[9]",
     )
     with open(out / "nfe_sweep.csv") as handle:
         rows = list(csv.DictReader(handle))
     fixed = {(r["method"], int(r["num_steps"])): r for r in rows if r["num_steps"]}
+    # the OT path's g² is infinite at t = 0: euler_maruyama is skipped, EDM-Heun takes 2N − 1 calls
     assert {k: float(r["nfe"]) for k, r in fixed.items()} == {
+        ("edm_heun", 9): 17,
         ("euler", 1): 1,
         ("euler", 4): 4,
         ("euler", 32): 32,

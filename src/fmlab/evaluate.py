@@ -67,7 +67,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.get("sweep"):
         sweep = cfg.sweep
-        solvers = sweep_solvers(sweep.fixed_step_methods, sweep.num_steps, sweep.adaptive_methods, sweep.tolerances)
+        solvers = sweep_solvers(
+            sweep.fixed_step_methods,
+            sweep.num_steps,
+            sweep.adaptive_methods,
+            sweep.tolerances,
+            sweep.get("stochastic_methods", []),
+            sweep.get("stochastic_num_steps", []),
+        )
         evaluator.num_draws, evaluator.nll_samples = sweep.num_draws, 0
         rows = nfe_sweep(evaluator, run.velocity_field(), run.datamodule, solvers, ranks)
         if ranks.rank == 0:

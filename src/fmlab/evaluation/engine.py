@@ -24,6 +24,7 @@ from fmlab.likelihood import DIVERGENCES, bits_per_dim, importance_weighted_log_
 from fmlab.metrics.distances import DEFAULT_BANDWIDTHS, mmd_rbf, normalized_path_energy, wasserstein2
 from fmlab.metrics.fidelity import check_metrics
 from fmlab.sampling import AncestralSampler, ODESolver, VelocityField, path_energy, sample
+from fmlab.seeding import stream_seed
 
 # the PF-ODE likelihood when the evaluation solver has none (the ancestral sampler): the papers' dopri5 at 1e-5
 DEFAULT_LIKELIHOOD_SOLVER = ODESolver("dopri5", atol=1e-5, rtol=1e-5)
@@ -67,7 +68,11 @@ def generate(
     device = next(field.parameters()).device
 
     def compute(chunk: int, start: int, size: int) -> tuple[Tensor, int]:
-        result = sample(field, datamodule.eval_source(size, draw=draw, chunk=chunk, start=start).to(device), solver)
+        x0 = datamodule.eval_source(size, draw=draw, chunk=chunk, start=start).to(device)
+        # a stochastic sampler's noise, fixed per (draw, chunk) like the source: the same samples on any world size
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(stream_seed(getattr(datamodule, "seed", 0), "sampler_noise", draw, chunk))
+            result = sample(field, x0, solver)
         if on_chunk is not None:
             on_chunk(result.samples)
         return result.samples, result.nfe

@@ -11,9 +11,14 @@ from typing import Any
 
 from fmlab.data.interface import EvaluationData
 from fmlab.distributed import Ranks
+from fmlab.errors import UserError, choices_error
 from fmlab.evaluation.engine import Evaluator
 from fmlab.runs import write_atomically
 from fmlab.sampling import ODESolver, VelocityField
+from fmlab.stochastic import EDMHeun, EulerMaruyama, PredictorCorrector
+
+# the baselines' own samplers a sweep can add (fmlab.stochastic), with their conf/solver defaults otherwise
+STOCHASTIC_SOLVERS = {"euler_maruyama": EulerMaruyama, "pc": PredictorCorrector, "edm_heun": EDMHeun}
 
 
 def sweep_solvers(
@@ -21,20 +26,33 @@ def sweep_solvers(
     num_steps: Iterable[int],
     adaptive_methods: Iterable[str],
     tolerances: Iterable[float],
-) -> list[ODESolver]:
-    """Every fixed-step method at every step count, then every adaptive method at every tolerance."""
-    solvers = [ODESolver(m, num_steps=n) for m in fixed_step_methods for n in num_steps]
-    return solvers + [ODESolver(m, atol=tol, rtol=tol) for m in adaptive_methods for tol in tolerances]
+    stochastic_methods: Iterable[str] = (),
+    stochastic_num_steps: Iterable[int] = (),
+) -> list[Any]:
+    """Every fixed-step method at every step count, every adaptive method at every tolerance, then every native
+    sampler (euler_maruyama, pc, edm_heun) at every one of its step counts."""
+    solvers: list[Any] = [ODESolver(m, num_steps=n) for m in fixed_step_methods for n in num_steps]
+    solvers += [ODESolver(m, atol=tol, rtol=tol) for m in adaptive_methods for tol in tolerances]
+    for method in stochastic_methods:
+        if method not in STOCHASTIC_SOLVERS:
+            raise choices_error("sweep.stochastic_methods", method, STOCHASTIC_SOLVERS)
+        solvers += [STOCHASTIC_SOLVERS[method](num_steps=n) for n in stochastic_num_steps]
+    return solvers
 
 
 def nfe_sweep(
-    evaluator: Evaluator, field: VelocityField, datamodule: EvaluationData, solvers: list[ODESolver], ranks: Ranks
+    evaluator: Evaluator, field: VelocityField, datamodule: EvaluationData, solvers: list[Any], ranks: Ranks
 ) -> list[dict[str, Any]]:
     """One row per solver: its NFE and the quality metric (FID for images, W2 for points). The evaluator is reused,
     so the FID extractor and reference statistics are built once; the caller's evaluator is left as it was."""
     evaluator = copy.copy(evaluator)
     rows = []
     for solver in solvers:
+        try:
+            solver.check_path(field.path)
+        except UserError as refusal:  # e.g. the path's own g² on the OT path: that sampler has no point here
+            print(f"fmlab.evaluate: sweep skips {solver!r}: {refusal}", flush=True)
+            continue
         evaluator.solver = solver
         results = evaluator.evaluate(field, datamodule, ranks)
         metric = "fid" if "fid" in results else "w2"
