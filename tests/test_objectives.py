@@ -7,6 +7,7 @@ import torch
 
 from fmlab.objectives import EpsilonObjective, ScoreLikelihoodObjective, ScoreObjective, VelocityObjective
 from fmlab.paths import AffinePath, CondOT, MarginalOracle, VEGeometric, VPCosine, VPLinear
+from fmlab.paths.time_samplers import LogSNRUniformTime, UniformTime, log_snr
 
 F64 = torch.float64
 
@@ -22,28 +23,31 @@ def test_vp_diffusion_coefficient_is_beta() -> None:
 def test_g2_over_sigma2_is_the_time_derivative_of_log_snr(path: AffinePath) -> None:
     t = torch.linspace(0.05, 0.95, 31, dtype=F64)
     h = 1e-6
-    log_snr = ScoreLikelihoodObjective.log_snr
     numeric = (log_snr(path, t + h) - log_snr(path, t - h)) / (2 * h)
     torch.testing.assert_close(path.diffusion_squared(t) / path.schedule.sigma(t) ** 2, numeric, rtol=1e-6, atol=1e-8)
 
 
-def test_scoreflow_times_are_uniform_in_log_snr() -> None:
+def test_scoreflow_times_are_uniform_in_log_snr_and_make_the_likelihood_weight_constant() -> None:
     path = AffinePath(VPLinear())
-    objective = ScoreLikelihoodObjective()
+    sampler = LogSNRUniformTime(loss_weight="density_ratio")
     torch.manual_seed(0)
-    t = objective.sample_time(path, 20_000, None, F64)
+    t = sampler.sample(path, 20_000, dtype=F64)
     assert path.t_min <= t.min() and t.max() <= path.t_max
-    bounds = objective.log_snr(path, torch.tensor([path.t_min, path.t_max], dtype=F64))
-    u = (objective.log_snr(path, t) - bounds[0]) / (bounds[1] - bounds[0])
+    bounds = log_snr(path, torch.tensor([path.t_min, path.t_max], dtype=F64))
+    u = (log_snr(path, t) - bounds[0]) / (bounds[1] - bounds[0])
     quantiles = torch.quantile(u, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=F64))
     torch.testing.assert_close(quantiles, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=F64), atol=0.01, rtol=0)
+    # g² × p_uniform/p = σ² Z/(t_max − t_min): ScoreFlow's importance-sampled weight, constant up to σ²
+    weight = ScoreLikelihoodObjective().weight(path, t) * sampler.weights(path, t)
+    z = float(bounds[1] - bounds[0])
+    torch.testing.assert_close(weight, path.schedule.sigma(t) ** 2 * z / (path.t_max - path.t_min), rtol=1e-6, atol=0)
 
 
 def test_scoreflow_refuses_a_path_without_finite_log_snr() -> None:
     from fmlab.errors import UserError
 
     with pytest.raises(UserError, match="finite log-SNR"):
-        ScoreLikelihoodObjective().sample_time(AffinePath(CondOT(1e-4)), 4, None, F64)
+        LogSNRUniformTime().sample(AffinePath(CondOT(1e-4)), 4)
 
 
 @pytest.mark.parametrize(
@@ -63,7 +67,7 @@ def test_exact_single_point_field_has_zero_loss_for_every_objective(objective) -
 
     torch.manual_seed(0)
     x0, x1 = torch.randn(256, 2, dtype=F64), point.expand(256, 2)
-    t = objective.sample_time(path, 256, None, F64).clamp(max=0.999)
+    t = UniformTime().sample(path, 256, dtype=F64).clamp(max=0.999)
     exact = objective.loss(Exact(), path, t, x0, x1, None).item()
     zero = objective.loss(lambda t, x: torch.zeros_like(x), path, t, x0, x1, None).item()
     assert exact < 1e-12 * max(1.0, zero) and zero > 1e-3

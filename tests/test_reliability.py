@@ -338,3 +338,21 @@ def test_wandb_disabled_writes_no_run_and_a_rejected_key_falls_back_to_offline(t
     assert rejected.returncode == 0, rejected.stderr[-3000:]
     assert "fmlab: W&B could not start online" in rejected.stderr and "logging offline instead" in rejected.stderr
     assert list((tmp_path / "rejected").glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_but_a_changed_setting_does_not(train_config) -> None:
+    from omegaconf import OmegaConf
+
+    from fmlab.train import resume_conflicts
+
+    cfg = train_config("method=otcfm")
+    stored = OmegaConf.to_container(cfg, resolve=True)
+    del stored["time_sampler"]  # written before the time_sampler group existed
+    del stored["coupling"]["draw_from_plan"]  # and before the coupling had this option
+    assert resume_conflicts(stored, cfg) == []
+    stored["coupling"]["method"] = "sinkhorn"
+    assert resume_conflicts(stored, cfg) == [("coupling.method", "sinkhorn", "exact")]
+    changed = train_config("method=otcfm", "time_sampler=logit_normal")
+    conflicts = resume_conflicts(OmegaConf.to_container(cfg, resolve=True), changed)
+    prefix = "fmlab.paths.time_samplers."
+    assert ("time_sampler._target_", f"{prefix}UniformTime", f"{prefix}LogitNormalTime") in conflicts

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from fmlab.objectives import Objective
 from fmlab.paths.couplings import IndependentCoupling
 from fmlab.paths.path import AffinePath
+from fmlab.paths.time_samplers import TimeSampler, UniformTime
 from fmlab.sampling import VelocityField
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ def net_parameters(net: nn.Module) -> int:
 class FlowModule(L.LightningModule):
     """net + path + objective + coupling. One training step:
 
-    (x0, x1) ~ coupling(batch), t ~ U[t_min, t_max], loss = objective(net, path, t, x0, x1), e.g. for FM
+    (x0, x1) ~ coupling(batch), t ~ time_sampler (uniform on [t_min, t_max] by default), loss = objective(net,
+    path, t, x0, x1), e.g. for FM
     E ‖v_θ(t, α_t x1 + σ_t x0) − (α̇_t x1 + σ̇_t x0)‖² (seed 001, §3.2).
     """
 
@@ -41,6 +43,7 @@ class FlowModule(L.LightningModule):
         path: AffinePath,
         objective: Objective,
         coupling: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+        time_sampler: TimeSampler | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "step",
@@ -50,6 +53,7 @@ class FlowModule(L.LightningModule):
         self.path = path
         self.objective = objective
         self.coupling = coupling or IndependentCoupling()
+        self.time_sampler = time_sampler or UniformTime()
         self.optimizer_factory = optimizer or torch.optim.Adam
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -70,6 +74,7 @@ class FlowModule(L.LightningModule):
             path=instantiate(cfg.path),
             objective=instantiate(cfg.objective),
             coupling=instantiate(cfg.coupling),
+            time_sampler=instantiate(cfg.time_sampler) if cfg.get("time_sampler") else None,
             optimizer=instantiate(cfg.optimizer),
             scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
             scheduler_interval=cfg.scheduler_interval,
@@ -84,9 +89,7 @@ class FlowModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, x1 = self.coupling(*batch)
-        t = self.objective.sample_time(self.path, x1.shape[0], device=x1.device, dtype=x1.dtype)
-        noise = torch.randn_like(x1) if self.path.has_smoothing else None
-        loss = self.objective.loss(self.net, self.path, t, x0, x1, noise)
+        loss = self._loss(x0, x1)
         self._log_running_loss(loss)
         return loss
 
@@ -97,12 +100,16 @@ class FlowModule(L.LightningModule):
         devices = [batch[1].device] if batch[1].device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(VALIDATION_SEED + batch_idx)
-            x0, x1 = self.coupling(*batch)
-            t = self.objective.sample_time(self.path, x1.shape[0], device=x1.device, dtype=x1.dtype)
-            noise = torch.randn_like(x1) if self.path.has_smoothing else None
-            loss = self.objective.loss(self.net, self.path, t, x0, x1, noise)
-        self.log("val/loss", loss, on_epoch=True, batch_size=x1.shape[0], sync_dist=True)
+            loss = self._loss(*self.coupling(*batch))
+        self.log("val/loss", loss, on_epoch=True, batch_size=batch[1].shape[0], sync_dist=True)
         return loss
+
+    def _loss(self, x0: Tensor, x1: Tensor) -> Tensor:
+        """t ~ time_sampler, then the objective's loss, weighted per sample when the time sampler asks for it."""
+        t = self.time_sampler.sample(self.path, x1.shape[0], device=x1.device, dtype=x1.dtype)
+        noise = torch.randn_like(x1) if self.path.has_smoothing else None
+        weights = self.time_sampler.weights(self.path, t)
+        return self.objective.loss(self.net, self.path, t, x0, x1, noise, weights)
 
     def _log_running_loss(self, loss: Tensor) -> None:
         """Log the mean loss since the last logging step, only on the steps the loggers write.

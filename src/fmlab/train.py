@@ -42,8 +42,8 @@ def _local_multirun() -> bool:
 
 # what a resumed run cannot change: the run's model, its training data and its optimiser and schedule, whose states
 # come from the checkpoint (Lightning would restore the old ones over the new values without a word)
-RESUME_FIXED_KEYS = ("method", "net", "path", "schedule", "objective", "coupling", "data", "optimizer", "scheduler",
-                     "scheduler_interval", "seed")  # fmt: skip
+RESUME_FIXED_KEYS = ("method", "net", "path", "schedule", "objective", "coupling", "time_sampler", "data", "optimizer",
+                     "scheduler", "scheduler_interval", "seed")  # fmt: skip
 # the weights the final evaluation measures: the end of training, or a monitoring checkpoint's best
 EVAL_CHECKPOINTS = ("last", "best")
 # settings of those groups that only say where data lives or how it is evaluated
@@ -93,10 +93,14 @@ def resume_conflicts(stored: dict[str, Any], cfg: DictConfig) -> list[tuple[str,
     """(key, checkpoint's value, this run's value) for every setting in RESUME_FIXED_KEYS that differs."""
     conflicts = []
     for group in RESUME_FIXED_KEYS:
+        if group not in stored:  # a group this checkpoint's fmlab did not have yet: it ran as the default
+            continue
         current = OmegaConf.to_container(cfg[group], resolve=True) if isinstance(cfg.get(group), DictConfig) else None
         old = _flat(stored.get(group), group)
         new = _flat(current if current is not None else cfg.get(group), group)
-        for key in sorted(old.keys() | new.keys()):
+        # options added to (or dropped from) a group since the checkpoint was written are not compared
+        both = isinstance(stored.get(group), dict) and isinstance(current, dict)
+        for key in sorted(old.keys() & new.keys() if both else old.keys() | new.keys()):
             if key not in RESUME_FREE_KEYS and old.get(key, "<unset>") != new.get(key, "<unset>"):
                 conflicts.append((key, old.get(key, "<unset>"), new.get(key, "<unset>")))
     return conflicts

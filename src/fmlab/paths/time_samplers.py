@@ -1,0 +1,254 @@
+"""Training-time distributions p(t) on a path's [t_min, t_max] (`time_sampler=`), and the density-ratio loss weight.
+
+Each sampler draws u from its distribution on (0, 1) (or, for the noise-level samplers, through the path) and maps it
+to t = t_min + (t_max − t_min) u, so every t stays inside the path's range. `log_density` is that of t, which
+`loss_weight: density_ratio` uses to reweight a sample by p_uniform(t)/p(t) = 1/((t_max − t_min) p(t)): the
+expected loss is then the uniform-time loss whatever the sampler (importance sampling), as ScoreFlow does.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from fmlab.errors import UserError, choices_error
+from fmlab.paths.path import AffinePath
+
+LOSS_WEIGHTS = ("none", "density_ratio")
+
+
+class TimeSampler(ABC):
+    """t ~ p(t) on [t_min, t_max]; `loss_weight="density_ratio"` weights each sample by 1/((t_max − t_min) p(t))."""
+
+    def __init__(self, loss_weight: str = "none") -> None:
+        if loss_weight not in LOSS_WEIGHTS:
+            raise choices_error("time_sampler.loss_weight", loss_weight, LOSS_WEIGHTS)
+        self.loss_weight = loss_weight
+
+    @abstractmethod
+    def sample_unit(self, path: AffinePath, n: int) -> Tensor:
+        """u ∈ [0, 1] in float64, t = t_min + (t_max − t_min) u."""
+
+    @abstractmethod
+    def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
+        """log of the density of u on [0, 1]."""
+
+    def sample(self, path: AffinePath, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        u = self.sample_unit(path, n).clamp(0.0, 1.0)
+        t = path.t_min + (path.t_max - path.t_min) * u
+        return t.to(device=device, dtype=dtype or torch.get_default_dtype())
+
+    def log_density(self, path: AffinePath, t: Tensor) -> Tensor:
+        """log p(t) on [t_min, t_max]."""
+        width = path.t_max - path.t_min
+        return self.unit_log_density(path, (t.double() - path.t_min) / width) - math.log(width)
+
+    def weights(self, path: AffinePath, t: Tensor) -> Tensor | None:
+        """Per-sample loss weights: None, or the density ratio to the uniform time distribution."""
+        if self.loss_weight == "none":
+            return None
+        width = path.t_max - path.t_min
+        return torch.exp(-self.log_density(path, t) - math.log(width)).to(t.dtype)
+
+    def __repr__(self) -> str:
+        weight = f", loss_weight={self.loss_weight}" if self.loss_weight != "none" else ""
+        return f"{type(self).__name__}({self._settings()}{weight})"
+
+    def _settings(self) -> str:
+        return ""
+
+
+class UniformTime(TimeSampler):
+    """t ~ U[t_min, t_max]: the papers' default."""
+
+    def sample(self, path: AffinePath, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        return path.sample_time(n, device=device, dtype=dtype)  # the draws fmlab always made: runs stay as they were
+
+    def sample_unit(self, path: AffinePath, n: int) -> Tensor:
+        return torch.rand(n, dtype=torch.float64)
+
+    def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
+        return torch.zeros_like(u)
+
+
+class LogitNormalTime(TimeSampler):
+    """u = sigmoid(m + s z), z ~ N(0, 1) (Esser et al. 2024, SD3 §3.1, "logit-normal sampling"):
+    π(u) = exp(−(logit u − m)²/(2s²)) / (s √(2π) u (1 − u))."""
+
+    def __init__(self, m: float = 0.0, s: float = 1.0, loss_weight: str = "none") -> None:
+        super().__init__(loss_weight)
+        if s <= 0:
+            raise UserError(f"time_sampler.s={s} must be > 0")
+        self.m, self.s = float(m), float(s)
+
+    def sample_unit(self, path: AffinePath, n: int) -> Tensor:
+        return torch.sigmoid(self.m + self.s * torch.randn(n, dtype=torch.float64))
+
+    def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
+        logit = torch.log(u) - torch.log1p(-u)
+        return (
+            -0.5 * ((logit - self.m) / self.s) ** 2 - math.log(self.s * math.sqrt(2 * math.pi)) - torch.log(u * (1 - u))
+        )
+
+    def _settings(self) -> str:
+        return f"m={self.m}, s={self.s}"
+
+
+def mode_map(v: Tensor, scale: float) -> Tensor:
+    """SD3's "mode sampling with heavy tails" (Esser et al. 2024, eq. 20) as a map from v ~ U(0, 1):
+    f(v) = 1 − v − scale (cos²(π v / 2) − 1 + v), written for t growing towards the data (u = 1 − f)."""
+    return 1 - v - scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+
+
+class ModeTime(TimeSampler):
+    """u = 1 − f_mode(v), v ~ U(0, 1), f_mode of SD3 (eq. 20); `scale` in [−1, 2/(π − 2)] keeps f monotone
+    (scale > 0 puts more mass at mid times, < 0 at the ends). The density is 1/|f′(v)| at v = f⁻¹(1 − u)."""
+
+    def __init__(self, scale: float = 1.29, loss_weight: str = "none") -> None:
+        super().__init__(loss_weight)
+        if not -1.0 <= scale <= 2 / (math.pi - 2):
+            raise UserError(f"time_sampler.scale={scale} must lie in [-1, {2 / (math.pi - 2):.4f}] (f stays monotone)")
+        self.scale = float(scale)
+
+    def sample_unit(self, path: AffinePath, n: int) -> Tensor:
+        return 1 - mode_map(torch.rand(n, dtype=torch.float64), self.scale)
+
+    def _inverse(self, u: Tensor) -> Tensor:
+        """v with 1 − f(v) = u (f decreases), by bisection."""
+        low, high = torch.zeros_like(u), torch.ones_like(u)
+        for _ in range(60):
+            middle = (low + high) / 2
+            below = 1 - mode_map(middle, self.scale) < u
+            low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+        return (low + high) / 2
+
+    def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
+        v = self._inverse(u.double())
+        derivative = -1 - self.scale * (-math.pi / 2 * torch.sin(math.pi * v) + 1)  # f′(v)
+        return -torch.log(derivative.abs())
+
+    def _settings(self) -> str:
+        return f"scale={self.scale}"
+
+
+class UShapedTime(TimeSampler):
+    """π(u) ∝ cosh(a (u − ½)) on [0, 1]: more weight near both ends (the U-shaped distribution of Lee et al. 2024,
+    "Improving the training of rectified flows"); sampled by inverting its CDF
+    F(u) = (sinh(a (u − ½)) + sinh(a/2)) / (2 sinh(a/2))."""
+
+    def __init__(self, a: float = 4.0, loss_weight: str = "none") -> None:
+        super().__init__(loss_weight)
+        if a <= 0:
+            raise UserError(f"time_sampler.a={a} must be > 0")
+        self.a = float(a)
+
+    def sample_unit(self, path: AffinePath, n: int) -> Tensor:
+        half = math.sinh(self.a / 2)
+        w = torch.rand(n, dtype=torch.float64)
+        return 0.5 + torch.asinh((2 * w - 1) * half) / self.a
+
+    def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
+        normaliser = 2 * math.sinh(self.a / 2) / self.a
+        return torch.log(torch.cosh(self.a * (u - 0.5))) - math.log(normaliser)
+
+    def _settings(self) -> str:
+        return f"a={self.a}"
+
+
+def _bisect_time(path: AffinePath, function, targets: Tensor, increasing: bool) -> Tensor:
+    """t ∈ [t_min, t_max] with function(t) = target, for a monotone function of t, by bisection in float64."""
+    low, high = torch.full_like(targets, path.t_min), torch.full_like(targets, path.t_max)
+    for _ in range(60):
+        middle = (low + high) / 2
+        later = function(middle) < targets if increasing else function(middle) > targets
+        low, high = torch.where(later, middle, low), torch.where(later, high, middle)
+    return (low + high) / 2
+
+
+def _log_noise_ratio(path: AffinePath, t: Tensor) -> Tensor:
+    """log σ̃(t) = log σ_t − log α_t, decreasing in t."""
+    return torch.log(path.schedule.sigma(t)) - torch.log(path.schedule.alpha(t))
+
+
+class LogNormalSigmaTime(TimeSampler):
+    """EDM's training noise levels (Karras et al. 2022, Table 1): ln σ̃ ~ N(P_mean, P_std²) for the noise ratio
+    σ̃ = σ_t/α_t of this path, mapped to t with σ̃(t) = σ̃ (clipped to the path's range [σ̃(t_max), σ̃(t_min)])."""
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, loss_weight: str = "none") -> None:
+        super().__init__(loss_weight)
+        if p_std <= 0:
+            raise UserError(f"time_sampler.p_std={p_std} must be > 0")
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+
+    def sample_unit(self, path: AffinePath, n: int) -> Tensor:
+        log_ratio = self.p_mean + self.p_std * torch.randn(n, dtype=torch.float64)
+        t = _bisect_time(path, lambda s: _log_noise_ratio(path, s), log_ratio, increasing=False)
+        return (t - path.t_min) / (path.t_max - path.t_min)
+
+    def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
+        """p(t) = N(log σ̃(t); P_mean, P_std²) |d log σ̃/dt| (by a central difference), in u."""
+        width = path.t_max - path.t_min
+        t = path.t_min + width * u.double()
+        h = 1e-6 * width
+        slope = (
+            _log_noise_ratio(path, (t + h).clamp(max=path.t_max))
+            - _log_noise_ratio(path, (t - h).clamp(min=path.t_min))
+        ) / ((t + h).clamp(max=path.t_max) - (t - h).clamp(min=path.t_min))
+        z = (_log_noise_ratio(path, t) - self.p_mean) / self.p_std
+        return -0.5 * z**2 - math.log(self.p_std * math.sqrt(2 * math.pi)) + torch.log(slope.abs()) + math.log(width)
+
+    def _settings(self) -> str:
+        return f"p_mean={self.p_mean}, p_std={self.p_std}"
+
+
+def log_snr(path: AffinePath, t: Tensor) -> Tensor:
+    """log SNR(t) = 2 (log α_t − log σ_t), increasing in t; d/dt log SNR = g²/σ² (ScoreFlow's weighting)."""
+    return 2 * (torch.log(path.schedule.alpha(t)) - torch.log(path.schedule.sigma(t)))
+
+
+class LogSNRUniformTime(TimeSampler):
+    """log SNR(t) ~ U[log SNR(t_min), log SNR(t_max)]: density p(t) = (g²/σ²)(t) / Z with Z = log SNR(t_max) −
+    log SNR(t_min). ScoreFlow (Song et al. 2021b) samples so, with `loss_weight: density_ratio`, which makes the
+    likelihood weight g² constant (σ² Z/(t_max − t_min)) and the estimate far lower in variance."""
+
+    def _bounds(self, path: AffinePath) -> tuple[float, float]:
+        ends = torch.tensor([path.t_min, path.t_max], dtype=torch.float64)
+        low, high = log_snr(path, ends).tolist()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise UserError(f"time_sampler=log_snr_uniform needs a finite log-SNR on [t_min, t_max]; {path!r} has none")
+        return low, high
+
+    TABLE_SIZE = 4097
+
+    def __init__(self, loss_weight: str = "none") -> None:
+        super().__init__(loss_weight)
+        self._tables: dict[int, tuple[AffinePath, Tensor]] = {}
+
+    def _inverse_table(self, path: AffinePath) -> Tensor:
+        """t at 4,097 equally spaced log-SNR values, found once per path by bisection (then interpolated)."""
+        cached = self._tables.get(id(path))
+        if cached is not None and cached[0] is path:
+            return cached[1]
+        low, high = self._bounds(path)
+        targets = torch.linspace(low, high, self.TABLE_SIZE, dtype=torch.float64)
+        table = _bisect_time(path, lambda s: log_snr(path, s), targets, increasing=True)
+        table[0], table[-1] = path.t_min, path.t_max
+        self._tables[id(path)] = (path, table)
+        return table
+
+    def sample_unit(self, path: AffinePath, n: int) -> Tensor:
+        table = self._inverse_table(path)
+        position = torch.rand(n, dtype=torch.float64) * (self.TABLE_SIZE - 1)
+        index = position.floor().long().clamp(max=self.TABLE_SIZE - 2)
+        t = torch.lerp(table[index], table[index + 1], position - index)
+        return (t - path.t_min) / (path.t_max - path.t_min)
+
+    def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
+        low, high = self._bounds(path)
+        width = path.t_max - path.t_min
+        t = path.t_min + width * u.double()
+        g2_over_sigma2 = path.diffusion_squared(t) / path.schedule.sigma(t) ** 2
+        return torch.log(g2_over_sigma2) - math.log(high - low) + math.log(width)
