@@ -13,6 +13,9 @@ from torch import Tensor, nn
 from fmlab.errors import UserError
 from fmlab.paths.path import AffinePath
 
+# what an objective regresses: (net output − target, the per-sample weight λ(t) or None)
+Residual = tuple[Tensor, Tensor | None]
+
 
 class Objective(ABC):
     """loss = E_{t, x0, x1} w(t) ‖net(t, x_t) − target‖², averaged over batch and dimensions."""
@@ -20,19 +23,21 @@ class Objective(ABC):
     # ε, score and x1 are interchangeable only when x0 ~ N(0, I): such objectives refuse a data source.
     needs_gaussian_source: bool = False
 
+    def loss(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor, noise: Tensor | None,
+             weights: Tensor | None = None) -> Tensor:  # fmt: skip
+        """mean over samples of w λ(t) ‖residual‖² (mean over dimensions): the objective's weighting λ(t) and the
+        per-sample `weights` (e.g. the time sampler's density ratio) where given."""
+        residual, weight = self.residual(net, path, t, x0, x1, noise)
+        if weight is None and weights is None:
+            return residual.pow(2).mean()
+        if weights is not None:
+            weight = weights if weight is None else weight * weights
+        return (weight * residual.pow(2).flatten(1).mean(1)).mean()
+
     @abstractmethod
-    def loss(
-        self,
-        net: nn.Module,
-        path: AffinePath,
-        t: Tensor,
-        x0: Tensor,
-        x1: Tensor,
-        noise: Tensor | None,
-        weights: Tensor | None = None,
-    ) -> Tensor:
-        """The regression loss of `net` on one (coupled) batch at times `t`; `weights` (per sample, e.g. the time
-        sampler's density ratio) multiply each sample's squared error."""
+    def residual(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
+                 noise: Tensor | None) -> Residual:  # fmt: skip
+        """(net output − target on one coupled batch at times `t`, the per-sample weight λ(t) or None)."""
 
     @abstractmethod
     def to_velocity(self, output: Tensor, x: Tensor, t: Tensor, path: AffinePath) -> Tensor:
@@ -45,18 +50,10 @@ class VelocityObjective(Objective):
     The network predicts the velocity itself, so `to_velocity` is the identity.
     """
 
-    def loss(
-        self,
-        net: nn.Module,
-        path: AffinePath,
-        t: Tensor,
-        x0: Tensor,
-        x1: Tensor,
-        noise: Tensor | None,
-        weights: Tensor | None = None,
-    ) -> Tensor:
+    def residual(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
+                 noise: Tensor | None) -> Residual:  # fmt: skip
         x_t, u_t = path.sample_with_target(t, x0, x1, noise)
-        return weighted_mean(net(t, x_t) - u_t, weights)
+        return net(t, x_t) - u_t, None
 
     def to_velocity(self, output: Tensor, x: Tensor, t: Tensor, path: AffinePath) -> Tensor:
         return output
@@ -78,19 +75,11 @@ class EpsilonObjective(Objective):
 
     needs_gaussian_source = True
 
-    def loss(
-        self,
-        net: nn.Module,
-        path: AffinePath,
-        t: Tensor,
-        x0: Tensor,
-        x1: Tensor,
-        noise: Tensor | None,
-        weights: Tensor | None = None,
-    ) -> Tensor:
+    def residual(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
+                 noise: Tensor | None) -> Residual:  # fmt: skip
         _require_gaussian_path(path, "epsilon")
         x_t, _ = path.sample_with_target(t, x0, x1)
-        return weighted_mean(net(t, x_t) - x0, weights)
+        return net(t, x_t) - x0, None
 
     def to_velocity(self, output: Tensor, x: Tensor, t: Tensor, path: AffinePath) -> Tensor:
         return path.velocity_from_epsilon(output, x, t)
@@ -117,22 +106,12 @@ class ScoreObjective(Objective):
     def weight(self, path: AffinePath, t: Tensor) -> Tensor:
         return path.schedule.sigma(t) ** 2
 
-    def loss(
-        self,
-        net: nn.Module,
-        path: AffinePath,
-        t: Tensor,
-        x0: Tensor,
-        x1: Tensor,
-        noise: Tensor | None,
-        weights: Tensor | None = None,
-    ) -> Tensor:
+    def residual(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
+                 noise: Tensor | None) -> Residual:  # fmt: skip
         _require_gaussian_path(path, type(self).__name__)
         x_t, _ = path.sample_with_target(t, x0, x1)
         target_score = path.score_from_epsilon(x0, x_t, t)
-        squared_error = (self.score(net(t, x_t), x_t, t, path) - target_score).pow(2).flatten(1).mean(1)
-        weight = self.weight(path, t) if weights is None else self.weight(path, t) * weights
-        return (weight * squared_error).mean()
+        return self.score(net(t, x_t), x_t, t, path) - target_score, self.weight(path, t)
 
     def to_velocity(self, output: Tensor, x: Tensor, t: Tensor, path: AffinePath) -> Tensor:
         epsilon = path.epsilon_from_score(self.score(output, x, t, path), x, t)
@@ -153,10 +132,3 @@ class ScoreLikelihoodObjective(ScoreObjective):
 
     def weight(self, path: AffinePath, t: Tensor) -> Tensor:
         return path.diffusion_squared(t)
-
-
-def weighted_mean(error: Tensor, weights: Tensor | None) -> Tensor:
-    """mean ‖error‖² over samples and dimensions, each sample's term multiplied by its weight when given."""
-    if weights is None:
-        return error.pow(2).mean()
-    return (weights * error.pow(2).flatten(1).mean(1)).mean()

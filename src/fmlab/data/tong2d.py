@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import lightning as L
 import numpy as np
 import torch
 from sklearn import datasets as sklearn_datasets
 from torch import Tensor
 from torch.utils.data import DataLoader, random_split
 
-from fmlab.data.toy2d import PairStream
+from fmlab.data.toy2d import PairStream, PairStreamDataModule
 from fmlab.errors import UserError, choices_error
 from fmlab.seeding import seeded_generator
 
@@ -126,14 +125,12 @@ class EpochStream(PairStream):
         return x0, x1
 
 
-class TongDataModule(L.LightningDataModule):
+class TongDataModule(PairStreamDataModule):
     """(source → target) on Tong et al.'s finite 2D datasets (`EvaluationData`), with a validation split.
 
     `held_out(n)` is the test split's first n points; `held_out(n, index=k)` for k ≥ 1 is the test split of the
     dataset drawn again at `data_seed + k` (an independent draw: the floor W2 compares the two).
     """
-
-    is_image = False
 
     def __init__(
         self,
@@ -172,17 +169,6 @@ class TongDataModule(L.LightningDataModule):
         """train / val / test of dataset `name` drawn at `data_seed + index`."""
         return split_dataset(DATASETS[name](sum(SPLIT), self.data_seed + index))
 
-    @property
-    def name(self) -> str:
-        return self.target if self.source == "gaussian" else f"{self.source}-{self.target}"
-
-    def train_dataloader(self) -> DataLoader:
-        if self.trainer is not None:
-            self._stream.rank = self.trainer.global_rank
-        return DataLoader(
-            self._stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
-        )
-
     def validation_pairs(self) -> tuple[Tensor, Tensor]:
         """(x0, x1): the whole val split, with a fixed N(0, I) draw (or the source's val split) beside it."""
         x1 = self.val_split
@@ -192,14 +178,6 @@ class TongDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader([self.validation_pairs()], batch_size=None)
-
-    def state_dict(self) -> dict[str, int]:
-        """Saved in checkpoints: the first batch not yet trained on (one batch per optimiser step)."""
-        step = self.trainer.global_step if self.trainer is not None else self._stream.next_index
-        return {"next_index": int(step)}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._stream.next_index = int(state_dict["next_index"])
 
     def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
         n = n or self.num_eval_samples

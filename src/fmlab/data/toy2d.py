@@ -161,10 +161,41 @@ class PairStream(IterableDataset):
         self.next_index = end
 
 
-class Toy2DDataModule(L.LightningDataModule):
-    """(source → target) 2D data: training pairs, plus fixed held-out sets for evaluation (`EvaluationData`)."""
+class PairStreamDataModule(L.LightningDataModule):
+    """A datamodule whose training batches come from a `PairStream` (`self._stream`): its loader, and the stream
+    position saved in checkpoints for exact resume."""
 
     is_image = False
+    target: str
+    source: str
+    num_workers: int
+    _stream: PairStream
+
+    @property
+    def name(self) -> str:
+        return self.target if self.source == "gaussian" else f"{self.source}-{self.target}"
+
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:
+            self._stream.rank = self.trainer.global_rank
+        return DataLoader(
+            self._stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in checkpoints: the first batch not yet trained on (one batch per optimiser step)."""
+        step = self.trainer.global_step if self.trainer is not None else self._stream.next_index
+        return {"next_index": int(step)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._stream.next_index = int(state_dict["next_index"])
+
+
+class Toy2DDataModule(PairStreamDataModule):
+    """(source → target) 2D data: training pairs, plus fixed held-out sets for evaluation (`EvaluationData`)."""
 
     def __init__(
         self,
@@ -192,28 +223,6 @@ class Toy2DDataModule(L.LightningDataModule):
         self.num_eval_samples, self.num_workers, self.seed = num_eval_samples, num_workers, seed
         self.data_shape: tuple[int, ...] = (2,)
         self._stream = PairStream(self.source_sampler, self.target_sampler, batch_size, batches_per_epoch, seed)
-
-    @property
-    def name(self) -> str:
-        return self.target if self.source == "gaussian" else f"{self.source}-{self.target}"
-
-    def train_dataloader(self) -> DataLoader:
-        if self.trainer is not None:
-            self._stream.rank = self.trainer.global_rank
-        return DataLoader(
-            self._stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def state_dict(self) -> dict[str, int]:
-        """Saved in checkpoints: the first batch not yet trained on (one batch per optimiser step)."""
-        step = self.trainer.global_step if self.trainer is not None else self._stream.next_index
-        return {"next_index": int(step)}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._stream.next_index = int(state_dict["next_index"])
 
     def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
         """A fixed set of `n` data samples per (dataset, seed, index), never seen in training."""
