@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from fmlab.errors import UserError, choices_error
 from fmlab.paths.path import AffinePath
+from fmlab.paths.time_samplers import bisect_time
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
 
@@ -190,16 +191,9 @@ def noise_ratio(path: AffinePath, t: Tensor) -> Tensor:
     return path.schedule.sigma(t) / path.schedule.alpha(t)
 
 
-def time_of_noise_ratio(path: AffinePath, ratio: Tensor, iterations: int = 100) -> Tensor:
+def time_of_noise_ratio(path: AffinePath, ratio: Tensor) -> Tensor:
     """The t in [t_min, t_max] with σ̃(t) = `ratio` (σ̃ decreases in t), by bisection in float64."""
-    ratio = ratio.double()
-    low = torch.full_like(ratio, path.t_min)
-    high = torch.full_like(ratio, path.t_max)
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        above = noise_ratio(path, middle) > ratio  # still too noisy: the answer is later
-        low, high = torch.where(above, middle, low), torch.where(above, high, middle)
-    return (low + high) / 2
+    return bisect_time(path, lambda t: noise_ratio(path, t), ratio, increasing=False)
 
 
 class EDMHeun:

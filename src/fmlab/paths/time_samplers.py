@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -158,8 +159,10 @@ class UShapedTime(TimeSampler):
         return f"a={self.a}"
 
 
-def _bisect_time(path: AffinePath, function, targets: Tensor, increasing: bool) -> Tensor:
-    """t ∈ [t_min, t_max] with function(t) = target, for a monotone function of t, by bisection in float64."""
+def bisect_time(path: AffinePath, function: Callable[[Tensor], Tensor], targets: Tensor, increasing: bool) -> Tensor:
+    """t ∈ [t_min, t_max] with function(t) = target, for a monotone function of t, by bisection in float64 (60
+    halvings of [t_min, t_max]: float64 resolution)."""
+    targets = targets.double()
     low, high = torch.full_like(targets, path.t_min), torch.full_like(targets, path.t_max)
     for _ in range(60):
         middle = (low + high) / 2
@@ -185,7 +188,7 @@ class LogNormalSigmaTime(TimeSampler):
 
     def sample_unit(self, path: AffinePath, n: int) -> Tensor:
         log_ratio = self.p_mean + self.p_std * torch.randn(n, dtype=torch.float64)
-        t = _bisect_time(path, lambda s: _log_noise_ratio(path, s), log_ratio, increasing=False)
+        t = bisect_time(path, lambda s: _log_noise_ratio(path, s), log_ratio, increasing=False)
         return (t - path.t_min) / (path.t_max - path.t_min)
 
     def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
@@ -234,7 +237,7 @@ class LogSNRUniformTime(TimeSampler):
             return cached[1]
         low, high = self._bounds(path)
         targets = torch.linspace(low, high, self.TABLE_SIZE, dtype=torch.float64)
-        table = _bisect_time(path, lambda s: log_snr(path, s), targets, increasing=True)
+        table = bisect_time(path, lambda s: log_snr(path, s), targets, increasing=True)
         table[0], table[-1] = path.t_min, path.t_max
         self._tables[id(path)] = (path, table)
         return table
