@@ -2,7 +2,8 @@
 
 load the run → check the solver fits its path → launch the processes (Lightning Fabric) → evaluate (the engine in
 `fmlab.evaluation`) → write metrics.json in this job's run dir. `sweep=nfe` evaluates the checkpoint across solvers
-and step counts instead and writes nfe_sweep.csv and nfe_sweep.png (quality against NFE, Lipman et al. 2023, Fig. 7).
+and step counts instead and writes nfe_sweep.csv and nfe_sweep.png (quality against NFE, Lipman et al. 2023, Fig. 7);
+`sweep=guidance` across classifier-free guidance scales (guidance_sweep.csv and .png).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from fmlab.errors import UserError, exit_on_user_error
+from fmlab.errors import UserError, choices_error, exit_on_user_error
 from fmlab.utils.cli import CONFIG_PATH, run_entry_point
+
+SWEEP_KINDS = ("nfe", "guidance")
 
 
 def make_fabric(trainer_cfg: DictConfig):
@@ -39,6 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     from fmlab.distributed import Ranks, end_process_group
     from fmlab.evaluation import nfe_sweep, sweep_solvers
+    from fmlab.evaluation.guidance_sweep import guidance_sweep, plot_guidance_sweep
     from fmlab.evaluation.nfe_sweep import plot_nfe_sweep, write_rows
     from fmlab.runs import load_run, write_metrics
     from fmlab.utils.console import quiet_third_party_output
@@ -76,12 +80,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             sweep.get("stochastic_num_steps", []),
         )
         evaluator.num_draws, evaluator.nll_samples = sweep.num_draws, 0
-        rows = nfe_sweep(evaluator, run.velocity_field(), run.datamodule, solvers, ranks)
+        subject = f"({metrics['method']} on {metrics['data']}, step {run.step})"
+        kind = sweep.get("kind", "nfe")
+        if kind not in SWEEP_KINDS:
+            raise choices_error("sweep.kind", kind, SWEEP_KINDS)
+        if kind == "guidance":
+            scales = list(sweep.guidance_scales)
+            rows = guidance_sweep(evaluator, run.velocity_field(), run.datamodule, solvers, scales, ranks)
+            plot = plot_guidance_sweep
+        else:
+            rows = nfe_sweep(evaluator, run.velocity_field(), run.datamodule, solvers, ranks)
+            plot = plot_nfe_sweep
         if ranks.rank == 0:
-            write_rows(output_dir / "nfe_sweep.csv", rows)
-            subject = f"({metrics['method']} on {metrics['data']}, step {run.step})"
-            plot_nfe_sweep(rows, output_dir / "nfe_sweep.png", subject)
-        metrics["nfe_sweep"] = rows
+            write_rows(output_dir / f"{kind}_sweep.csv", rows)
+            plot(rows, output_dir / f"{kind}_sweep.png", subject)
+        metrics[f"{kind}_sweep"] = rows
     else:
         metrics.update(evaluator.evaluate(run.velocity_field(), run.datamodule, ranks))
     metrics["wall_seconds"] = time.perf_counter() - started

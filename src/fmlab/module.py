@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from fmlab.errors import UserError
 from fmlab.objectives import Objective
 from fmlab.paths.couplings import IndependentCoupling
 from fmlab.paths.path import AffinePath
@@ -24,6 +26,15 @@ VALIDATION_SEED = 20_240_101
 SchedulerFactory = Callable[..., Any]
 
 
+def drop_labels_to_null(labels: Tensor, p_uncond: float, null: int) -> Tensor:
+    """Classifier-free guidance's label dropout: each label becomes the null class ∅ (index `null` = K, the number
+    of classes) with probability `p_uncond`, independently."""
+    if p_uncond == 0.0:
+        return labels
+    dropped = torch.rand(labels.shape, device=labels.device) < p_uncond
+    return torch.where(dropped, torch.full_like(labels, null), labels)
+
+
 def net_parameters(net: nn.Module) -> int:
     """How many numbers the net learns."""
     return sum(p.numel() for p in net.parameters())
@@ -35,6 +46,9 @@ class FlowModule(L.LightningModule):
     (x0, x1) ~ coupling(batch), t ~ time_sampler (uniform on [t_min, t_max] by default), loss = objective(net,
     path, t, x0, x1), e.g. for FM
     E ‖v_θ(t, α_t x1 + σ_t x0) − (α̇_t x1 + σ̇_t x0)‖² (seed 001, §3.2).
+
+    Class-conditional batches (x0, x1, y) train v_θ(t, x, y'), where y' is y replaced by the null class ∅ with
+    probability `p_uncond` (classifier-free guidance's label dropout, Ho & Salimans 2022).
     """
 
     def __init__(
@@ -47,6 +61,7 @@ class FlowModule(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "step",
+        p_uncond: float = 0.0,
     ) -> None:
         super().__init__()
         self.net = net
@@ -57,6 +72,9 @@ class FlowModule(L.LightningModule):
         self.optimizer_factory = optimizer or torch.optim.Adam
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
+        if not 0.0 <= p_uncond < 1.0:
+            raise UserError(f"conditioning.p_uncond={p_uncond} must satisfy 0 <= p_uncond < 1")
+        self.p_uncond = float(p_uncond)
         self._loss_sum = torch.zeros(())
         self._loss_count = 0
 
@@ -78,6 +96,7 @@ class FlowModule(L.LightningModule):
             optimizer=instantiate(cfg.optimizer),
             scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
             scheduler_interval=cfg.scheduler_interval,
+            p_uncond=float((cfg.get("conditioning") or {}).get("p_uncond", 0.0)),
         )
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
@@ -87,13 +106,12 @@ class FlowModule(L.LightningModule):
         """The PF-ODE drift of this method, for `net` (default: the trained net; callbacks pass the EMA copy)."""
         return VelocityField(net if net is not None else self.net, self.objective, self.path)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x0, x1 = self.coupling(*batch)
-        loss = self._loss(x0, x1)
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        loss = self._loss(*self.coupling(*batch), drop_labels=True)
         self._log_running_loss(loss)
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """The training loss on a validation batch (datamodules with a val split), logged as `val/loss`: what a
         best-val-loss checkpoint monitors. Its random draws (t, noise, a Sinkhorn plan's pairs) are fixed per batch,
         so successive validations differ only by the weights; the training streams are left as they were."""
@@ -104,12 +122,18 @@ class FlowModule(L.LightningModule):
         self.log("val/loss", loss, on_epoch=True, batch_size=batch[1].shape[0], sync_dist=True)
         return loss
 
-    def _loss(self, x0: Tensor, x1: Tensor) -> Tensor:
-        """t ~ time_sampler, then the objective's loss, weighted per sample when the time sampler asks for it."""
+    def _loss(self, x0: Tensor, x1: Tensor, labels: Tensor | None = None, drop_labels: bool = False) -> Tensor:
+        """t ~ time_sampler, then the objective's loss, weighted per sample when the time sampler asks for it; with
+        labels, the net is conditioned on them (in training, after label dropout)."""
         t = self.time_sampler.sample(self.path, x1.shape[0], device=x1.device, dtype=x1.dtype)
         noise = torch.randn_like(x1) if self.path.has_smoothing else None
         weights = self.time_sampler.weights(self.path, t)
-        return self.objective.loss(self.net, self.path, t, x0, x1, noise, weights)
+        net: Callable[[Tensor, Tensor], Tensor] = self.net
+        if labels is not None:
+            if drop_labels:
+                labels = drop_labels_to_null(labels, self.p_uncond, null=getattr(self.net, "num_classes", 0))
+            net = partial(self.net, labels=labels)
+        return self.objective.loss(net, self.path, t, x0, x1, noise, weights)
 
     def _log_running_loss(self, loss: Tensor) -> None:
         """Log the mean loss since the last logging step, only on the steps the loggers write.

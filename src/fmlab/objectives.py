@@ -7,12 +7,15 @@ method samples and evaluates likelihoods through the same ODE code.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from fmlab.errors import UserError
 from fmlab.paths.path import AffinePath
 
+# the net as an objective calls it, net(t, x_t): a plain nn.Module, or one bound to a batch's class labels
+Net = Callable[[Tensor, Tensor], Tensor]
 # what an objective regresses: (net output − target, the per-sample weight λ(t) or None)
 Residual = tuple[Tensor, Tensor | None]
 
@@ -23,7 +26,7 @@ class Objective(ABC):
     # ε, score and x1 are interchangeable only when x0 ~ N(0, I): such objectives refuse a data source.
     needs_gaussian_source: bool = False
 
-    def loss(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor, noise: Tensor | None,
+    def loss(self, net: Net, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor, noise: Tensor | None,
              weights: Tensor | None = None) -> Tensor:  # fmt: skip
         """mean over samples of w λ(t) ‖residual‖² (mean over dimensions): the objective's weighting λ(t) and the
         per-sample `weights` (e.g. the time sampler's density ratio) where given."""
@@ -35,7 +38,7 @@ class Objective(ABC):
         return (weight * residual.pow(2).flatten(1).mean(1)).mean()
 
     @abstractmethod
-    def residual(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
+    def residual(self, net: Net, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
                  noise: Tensor | None) -> Residual:  # fmt: skip
         """(net output − target on one coupled batch at times `t`, the per-sample weight λ(t) or None)."""
 
@@ -50,7 +53,7 @@ class VelocityObjective(Objective):
     The network predicts the velocity itself, so `to_velocity` is the identity.
     """
 
-    def residual(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
+    def residual(self, net: Net, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
                  noise: Tensor | None) -> Residual:  # fmt: skip
         x_t, u_t = path.sample_with_target(t, x0, x1, noise)
         return net(t, x_t) - u_t, None
@@ -75,7 +78,7 @@ class EpsilonObjective(Objective):
 
     needs_gaussian_source = True
 
-    def residual(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
+    def residual(self, net: Net, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
                  noise: Tensor | None) -> Residual:  # fmt: skip
         _require_gaussian_path(path, "epsilon")
         x_t, _ = path.sample_with_target(t, x0, x1)
@@ -106,7 +109,7 @@ class ScoreObjective(Objective):
     def weight(self, path: AffinePath, t: Tensor) -> Tensor:
         return path.schedule.sigma(t) ** 2
 
-    def residual(self, net: nn.Module, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
+    def residual(self, net: Net, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
                  noise: Tensor | None) -> Residual:  # fmt: skip
         _require_gaussian_path(path, type(self).__name__)
         x_t, _ = path.sample_with_target(t, x0, x1)

@@ -42,8 +42,8 @@ def _local_multirun() -> bool:
 
 # what a resumed run cannot change: the run's model, its training data and its optimiser and schedule, whose states
 # come from the checkpoint (Lightning would restore the old ones over the new values without a word)
-RESUME_FIXED_KEYS = ("method", "net", "path", "schedule", "objective", "coupling", "time_sampler", "data", "optimizer",
-                     "scheduler", "scheduler_interval", "seed")  # fmt: skip
+RESUME_FIXED_KEYS = ("method", "net", "path", "schedule", "objective", "coupling", "time_sampler", "conditioning",
+                     "data", "optimizer", "scheduler", "scheduler_interval", "seed")  # fmt: skip
 # the weights the final evaluation measures: the end of training, or a monitoring checkpoint's best
 EVAL_CHECKPOINTS = ("last", "best")
 # settings of those groups that only say where data lives or how it is evaluated
@@ -75,6 +75,12 @@ def validate_config(cfg: DictConfig) -> None:
         raise UserError(
             f"trainer.strategy={trainer.strategy} cannot run inside a local multirun (Lightning would relaunch the "
             "whole sweep once per rank); run the jobs one at a time or submit them with hydra/launcher=slurm"
+        )
+    conditioning = cfg.get("conditioning") or {}
+    if conditioning.get("labels") and not conditioning.get("num_classes"):
+        raise UserError(
+            f"conditioning=class needs data with class labels; data={cfg.data.get('target')} has none (labelled: "
+            "moons, 8gaussians, tong_moons, tong_8gaussians, digits, mnist, cifar10, imagenet32, imagenet64)"
         )
     from hydra.utils import instantiate
 

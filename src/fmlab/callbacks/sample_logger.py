@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import matplotlib.pyplot as plt  # no backend forced: headless runs get Agg, notebooks their inline backend
+import torch
 from torch import Tensor
 
 from fmlab.callbacks.ema import sampling_net
@@ -46,7 +47,8 @@ def plot_image_grid(images: Tensor, title: str, columns: int = 16):
 class SampleLogger(L.Callback):
     """Every `every_n_steps` (0: only at the end of training) draws samples from a fixed source batch (at most 256
     images) with the EMA weights, saves a PNG under `<output_dir>/samples/` and sends it to every logger that takes
-    images. The last one is also `samples.png`."""
+    images. The last one is also `samples.png`. A class-conditional run's image grid has one row per class (the
+    first 16 classes), guided with `guidance_scale`."""
 
     def __init__(
         self,
@@ -56,12 +58,14 @@ class SampleLogger(L.Callback):
         num_samples: int = 1000,
         num_trajectories: int = 24,
         num_trajectory_times: int = 50,
+        guidance_scale: float = 0.0,
     ) -> None:
         self.solver = solver
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
         self.num_samples, self.num_trajectories = num_samples, num_trajectories
         self.num_trajectory_times = num_trajectory_times
+        self.guidance_scale = float(guidance_scale)
         self.saved: list[Path] = []
 
     def log_samples(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> Path | None:
@@ -70,17 +74,28 @@ class SampleLogger(L.Callback):
         module.eval()
         try:
             is_image = datamodule.is_image
-            x0 = datamodule.eval_source(min(self.num_samples, 256) if is_image else self.num_samples)
-            trajectory_times = 0 if is_image else self.num_trajectory_times
             field = module.velocity_field(sampling_net(trainer, module))
-            result = sample(field, x0.to(module.device), self.solver, trajectory_times)
+            count, columns, labels = min(self.num_samples, 256) if is_image else self.num_samples, 16, None
+            if field.num_classes and is_image:  # row k: class k
+                classes = min(field.num_classes, 16)
+                columns = min(16, 256 // classes)
+                count = classes * columns
+                labels = torch.arange(count, device=module.device) // columns
+            elif field.num_classes:  # every class equally often
+                labels = torch.arange(count, device=module.device) % field.num_classes
+            x0 = datamodule.eval_source(count)
+            trajectory_times = 0 if is_image else self.num_trajectory_times
+            with field.conditioned_on(labels, self.guidance_scale if labels is not None else 0.0):
+                result = sample(field, x0.to(module.device), self.solver, trajectory_times)
         finally:
             module.train(was_training)
         if not trainer.is_global_zero:
             return None
         title = f"step {trainer.global_step}: {len(result.samples)} samples, NFE {result.nfe}"
+        if labels is not None:
+            title += f", one {'row' if datamodule.is_image else 'colour'} per class, guidance {self.guidance_scale:g}"
         if datamodule.is_image:
-            fig = plot_image_grid(result.samples, title)
+            fig = plot_image_grid(result.samples, title, columns)
         else:
             fig = plot_2d_samples(datamodule.held_out(self.num_samples), result, self.num_trajectories, title)
         target = self.output_dir / "samples" / f"{name}.png"

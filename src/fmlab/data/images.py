@@ -39,7 +39,9 @@ class ImageDataModule(L.LightningDataModule):
     """Images as uint8 levels (N, C, H, W). Training batches are (x0, x1): x0 ~ N(0, I) and x1 the dequantised
     images (fresh uniform noise every batch, random horizontal flips if `flip`).
 
-    Subclasses set `name`, `num_levels`, `data_shape`, `fid_feature` and return (train, test) levels from `load()`.
+    Subclasses set `name`, `num_levels`, `data_shape`, `fid_feature` and return (train, test) levels from `load()`;
+    one that has labels stores them as `self.labels_found = (train labels, test labels)` while loading. With
+    `with_labels` (conditioning=class) the batches are (x0, x1, labels).
     """
 
     name = "images"
@@ -59,6 +61,8 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         data_dir: str | None = None,
         shape: tuple[int, ...] | None = None,
+        num_classes: int = 0,
+        with_labels: bool = False,
     ) -> None:
         super().__init__()
         if target is not None and target != self.name:
@@ -72,22 +76,38 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size, self.num_eval_samples, self.flip = batch_size, num_eval_samples, flip
         self.num_workers, self.seed = num_workers, seed
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
+        self.labels_found: tuple[Tensor, Tensor] | None = None
         self.train_levels, self.test_levels = self.load()
+        self.train_labels: Tensor | None = None
+        self.num_classes = 0
+        if with_labels:
+            if self.labels_found is None:
+                raise UserError(f"data={self.name} has no class labels, so conditioning=class cannot train on it")
+            self.train_labels = self.labels_found[0].long()
+            self.num_classes = int(num_classes) or int(self.train_labels.max()) + 1
+            if self.train_labels.min() < 0 or self.train_labels.max() >= self.num_classes:
+                raise UserError(
+                    f"data={self.name}: labels span {int(self.train_labels.min())}..{int(self.train_labels.max())}, "
+                    f"outside the data.num_classes={self.num_classes} classes 0..{self.num_classes - 1}"
+                )
 
     def load(self) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _collate(self, items: list[tuple[Tensor]]) -> tuple[Tensor, Tensor]:
+    def _collate(self, items: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         levels = torch.stack([item[0] for item in items])
         x1 = dequantize(levels, self.num_levels, torch.rand(levels.shape))
         if self.flip:
             flipped = torch.rand(len(x1)) < 0.5
             x1[flipped] = x1[flipped].flip(-1)
-        return torch.randn_like(x1), x1
+        if self.train_labels is None:
+            return torch.randn_like(x1), x1
+        return torch.randn_like(x1), x1, torch.stack([item[1] for item in items])
 
     def train_dataloader(self) -> DataLoader:
+        tensors = (self.train_levels,) if self.train_labels is None else (self.train_levels, self.train_labels)
         return DataLoader(
-            TensorDataset(self.train_levels),
+            TensorDataset(*tensors),
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=True,
@@ -130,6 +150,7 @@ class DigitsDataModule(ImageDataModule):
     def load(self) -> tuple[Tensor, Tensor]:
         from sklearn.datasets import load_digits
 
+        self.labels_found = self.labels()
         return self._split(torch.from_numpy(load_digits().images).to(torch.uint8).unsqueeze(1))
 
     def labels(self) -> tuple[Tensor, Tensor]:
@@ -193,6 +214,7 @@ class MNISTDataModule(ImageDataModule):
                 train, test = (MNIST(root, train=split, download=True) for split in (True, False))
             except Exception as error:
                 raise _missing("mnist", root / "MNIST" / "raw", self.files, error) from None
+        self.labels_found = (train.targets, test.targets)
         return train.data.unsqueeze(1), test.data.unsqueeze(1)
 
 
@@ -219,19 +241,24 @@ class CIFAR10DataModule(ImageDataModule):
             except Exception as error:
                 files = [*self.train_files, "test_batch"]
                 raise _missing("cifar10", folder, files, error) from None
-        train = torch.cat([self._read(folder / f) for f in self.train_files])
-        return train, self._read(folder / "test_batch")
+        train = [self._read(folder / f) for f in self.train_files]
+        test = self._read(folder / "test_batch")
+        self.labels_found = (torch.cat([labels for _, labels in train]), test[1])
+        return torch.cat([images for images, _ in train]), test[0]
 
     @staticmethod
-    def _read(path: Path) -> Tensor:
+    def _read(path: Path) -> tuple[Tensor, Tensor]:
+        """(images, labels) of one batch file."""
         import pickle
 
         try:
             with path.open("rb") as handle:
                 batch = pickle.load(handle, encoding="bytes")
-            return torch.from_numpy(batch[b"data"]).reshape(-1, 3, 32, 32)
+            images = torch.from_numpy(batch[b"data"]).reshape(-1, 3, 32, 32)
+            return images, torch.as_tensor(batch[b"labels"], dtype=torch.long)
         except Exception as error:
-            raise _corrupt("cifar10", path, "a pickled dict whose b'data' holds N x 3072 uint8 rows", error) from None
+            expected = "a pickled dict whose b'data' holds N x 3072 uint8 rows and b'labels' N class indices"
+            raise _corrupt("cifar10", path, expected, error) from None
 
 
 class DownsampledImageNetDataModule(ImageDataModule):
@@ -256,11 +283,19 @@ class DownsampledImageNetDataModule(ImageDataModule):
         if not train_files or not val_files:
             raise _missing(self.name, root, ["train_data_batch_1.npz ... train_data_batch_10.npz", "val_data.npz"])
 
-        def read(path: Path) -> Tensor:
+        def read(path: Path) -> tuple[Tensor, Tensor | None]:
+            """(images, labels counted from 0; None when the file has no labels)."""
             try:
-                return torch.from_numpy(np.load(path)["data"]).reshape(-1, *self.data_shape)
+                arrays = np.load(path)
+                images = torch.from_numpy(arrays["data"]).reshape(-1, *self.data_shape)
+                # the distributed files count classes 1..1000
+                labels = torch.from_numpy(np.asarray(arrays["labels"])).long() - 1 if "labels" in arrays else None
+                return images, labels
             except Exception as error:
                 expected = f"an .npz file whose 'data' holds N x {math.prod(self.data_shape)} uint8 rows"
                 raise _corrupt(self.name, path, expected, error) from None
 
-        return torch.cat([read(p) for p in train_files]), read(val_files[0])
+        train, test = [read(p) for p in train_files], read(val_files[0])
+        if all(labels is not None for _, labels in [*train, test]):
+            self.labels_found = (torch.cat([labels for _, labels in train]), test[1])  # type: ignore[misc]
+        return torch.cat([images for images, _ in train]), test[0]

@@ -84,6 +84,23 @@ def tong_pair_8gaussians(n: int, seed: int) -> np.ndarray:
     return (centres[rng.randint(8, size=n)] + noise) * 3
 
 
+def tong_8gaussians_labels(n: int) -> np.ndarray:
+    """The mode of each `tong_8gaussians` point: its points come in 8 blocks of n // 8, one per centre."""
+    return np.repeat(np.arange(8), n // 8)
+
+
+def tong_moons_labels(n: int, seed: int) -> np.ndarray:
+    """make_moons' own labels for the `tong_moons` points: 0 for the upper moon, 1 for the lower."""
+    return sklearn_datasets.make_moons(n_samples=n, noise=0.05, random_state=seed)[1]
+
+
+# conditioning=class: each labelled dataset's labels (n, seed) -> classes, and how many classes there are
+LABELS: dict[str, Callable[[int, int], np.ndarray]] = {
+    "tong_8gaussians": lambda n, seed: tong_8gaussians_labels(n),
+    "tong_moons": tong_moons_labels,
+}
+NUM_CLASSES = {"tong_8gaussians": 8, "tong_moons": 2}
+
 DATASETS: dict[str, Dataset] = {
     "tong_8gaussians": tong_8gaussians,
     "tong_moons": tong_moons,
@@ -95,8 +112,9 @@ SOURCES = ("gaussian", "tong_pair_moons")
 
 
 def split_dataset(points: np.ndarray, lengths: tuple[int, ...] = SPLIT, seed: int = SPLIT_SEED) -> list[Tensor]:
-    """train / val / test as `torch.utils.data.random_split(points, lengths, Generator().manual_seed(seed))`."""
-    data = torch.from_numpy(points.astype(np.float32))
+    """train / val / test as `torch.utils.data.random_split(points, lengths, Generator().manual_seed(seed))`
+    (float32 points; integer arrays such as labels keep an integer type)."""
+    data = torch.from_numpy(points.astype(np.float32) if points.dtype.kind == "f" else points.astype(np.int64))
     parts = random_split(range(len(data)), list(lengths), generator=torch.Generator().manual_seed(seed))
     return [data[torch.tensor(part.indices, dtype=torch.long)] for part in parts]
 
@@ -107,22 +125,24 @@ class EpochStream(PairStream):
     the source dataset's train split shuffled the same way on its own stream. Batch i is a pure function of
     (seed, rank, i), so resumed runs draw exactly the batches of an unbroken one."""
 
-    def __init__(self, target: Tensor, source: Tensor | None, batch_size: int, seed: int) -> None:
+    def __init__(self, target: Tensor, source: Tensor | None, batch_size: int, seed: int,
+                 labels: Tensor | None = None) -> None:  # fmt: skip
         super().__init__(None, None, batch_size, len(target) // batch_size, seed)  # type: ignore[arg-type]
-        self.target_points, self.source_points = target, source
+        self.target_points, self.source_points, self.labels = target, source, labels
 
     def _epoch_order(self, role: str, epoch: int, size: int) -> Tensor:
         return torch.randperm(size, generator=seeded_generator(self.seed, f"train_{role}", self.rank, epoch))
 
-    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+    def batch(self, index: int) -> tuple[Tensor, ...]:
         epoch, position = divmod(index, self.batches_per_epoch)
         rows = slice(position * self.batch_size, (position + 1) * self.batch_size)
-        x1 = self.target_points[self._epoch_order("target", epoch, len(self.target_points))[rows]]
+        chosen = self._epoch_order("target", epoch, len(self.target_points))[rows]
+        x1 = self.target_points[chosen]
         if self.source_points is None:
             x0 = torch.randn(x1.shape, generator=seeded_generator(self.seed, "train_source", self.rank, index))
         else:
             x0 = self.source_points[self._epoch_order("source", epoch, len(self.source_points))[rows]]
-        return x0, x1
+        return (x0, x1) if self.labels is None else (x0, x1, self.labels[chosen])
 
 
 class TongDataModule(PairStreamDataModule):
@@ -142,6 +162,8 @@ class TongDataModule(PairStreamDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shape: tuple[int, ...] = (2,),
+        num_classes: int = 0,
+        with_labels: bool = False,
     ) -> None:
         super().__init__()
         if target not in DATASETS:
@@ -162,19 +184,31 @@ class TongDataModule(PairStreamDataModule):
         self.train_split, self.val_split, self.test_split = self.splits(target)
         self.source_splits = self.splits(source) if source != "gaussian" else None
         source_train = self.source_splits[0] if self.source_splits is not None else None
-        self._stream = EpochStream(self.train_split, source_train, batch_size, seed)
+        train_labels, self.val_labels = None, None
+        if with_labels:
+            if target not in LABELS or source != "gaussian":
+                raise UserError(
+                    f"data={target} (source {source}) has no class labels, so conditioning=class cannot train on it; "
+                    f"choose one of {', '.join(LABELS)} from the gaussian source"
+                )
+            labels = LABELS[target](sum(SPLIT), data_seed)
+            train_labels, self.val_labels, _ = split_dataset(labels)
+        self.num_classes = NUM_CLASSES[target] if with_labels else 0
+        self._stream = EpochStream(self.train_split, source_train, batch_size, seed, train_labels)
         self.batches_per_epoch = self._stream.batches_per_epoch
 
     def splits(self, name: str, index: int = 0) -> list[Tensor]:
         """train / val / test of dataset `name` drawn at `data_seed + index`."""
         return split_dataset(DATASETS[name](sum(SPLIT), self.data_seed + index))
 
-    def validation_pairs(self) -> tuple[Tensor, Tensor]:
-        """(x0, x1): the whole val split, with a fixed N(0, I) draw (or the source's val split) beside it."""
+    def validation_pairs(self) -> tuple[Tensor, ...]:
+        """(x0, x1): the whole val split, with a fixed N(0, I) draw (or the source's val split) beside it; with
+        labels, (x0, x1, labels)."""
         x1 = self.val_split
         if self.source_splits is not None:
             return self.source_splits[1], x1
-        return torch.randn(x1.shape, generator=seeded_generator(self.seed, "val_source")), x1
+        x0 = torch.randn(x1.shape, generator=seeded_generator(self.seed, "val_source"))
+        return (x0, x1) if self.val_labels is None else (x0, x1, self.val_labels)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader([self.validation_pairs()], batch_size=None)

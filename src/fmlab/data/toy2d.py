@@ -19,6 +19,8 @@ from fmlab.errors import UserError, choices_error
 from fmlab.seeding import seeded_generator
 
 Sampler = Callable[[int, torch.Generator], Tensor]
+# a sampler that also returns each point's class (long tensor): the labels of conditioning=class
+LabelledSampler = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
 
 # PairStream splits its batches between loader workers itself, so its __len__ is exact; Lightning warns regardless.
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
@@ -40,21 +42,33 @@ def sample_gaussian(n: int, g: torch.Generator) -> Tensor:
 def sample_moons(n: int, g: torch.Generator) -> Tensor:
     """TorchCFM's moons: evenly spaced angles a ∈ [0, π] on two half circles (outer cos a, sin a;
     inner 1 − cos a, 0.5 − sin a), one U(0, 0.2) offset added to both coordinates of a point, then × 3 − 1."""
+    return sample_moons_labelled(n, g)[0]
+
+
+def sample_moons_labelled(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`sample_moons` and each point's moon: 0 outer, 1 inner."""
     n_outer = n // 2
     outer = torch.linspace(0, math.pi, n_outer)
     inner = torch.linspace(0, math.pi, n - n_outer)
     x = torch.cat([torch.cos(outer), 1 - torch.cos(inner)])
     y = torch.cat([torch.sin(outer), 0.5 - torch.sin(inner)])
     points = torch.stack([x, y], dim=1) + 0.2 * _uniform(n, g, 1)
-    return points * 3 - 1
+    labels = torch.cat([torch.zeros(n_outer, dtype=torch.long), torch.ones(n - n_outer, dtype=torch.long)])
+    return points * 3 - 1, labels
 
 
 def sample_8gaussians(n: int, g: torch.Generator) -> Tensor:
     """TorchCFM's 8 Gaussians: centres 5 (cos kπ/4, sin kπ/4); its sampler passes √0.1 as the covariance,
     so each coordinate has standard deviation 0.1^(1/4)."""
-    angles = torch.randint(0, 8, (n,), generator=g) * (math.pi / 4)
+    return sample_8gaussians_labelled(n, g)[0]
+
+
+def sample_8gaussians_labelled(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`sample_8gaussians` and each point's mode k (centre 5 (cos kπ/4, sin kπ/4))."""
+    modes = torch.randint(0, 8, (n,), generator=g)
+    angles = modes * (math.pi / 4)
     centres = 5.0 * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
-    return centres + 0.1**0.25 * _normal(n, g, 2)
+    return centres + 0.1**0.25 * _normal(n, g, 2), modes
 
 
 def sample_checkerboard(n: int, g: torch.Generator) -> Tensor:
@@ -120,6 +134,23 @@ DISTRIBUTIONS: dict[str, Sampler] = {
 }
 
 
+LABELLED_DISTRIBUTIONS: dict[str, LabelledSampler] = {
+    "moons": sample_moons_labelled,
+    "8gaussians": sample_8gaussians_labelled,
+}
+NUM_CLASSES = {"moons": 2, "8gaussians": 8}
+
+
+def get_labelled_distribution(name: str) -> LabelledSampler:
+    """The labelled sampler of `name`, or a one-line error naming the 2D datasets that have classes."""
+    if name not in LABELLED_DISTRIBUTIONS:
+        raise UserError(
+            f"data.target={name} has no class labels, so conditioning=class cannot train on it; choose one of "
+            f"{', '.join(LABELLED_DISTRIBUTIONS)} (2D), or digits, mnist, cifar10, imagenet32, imagenet64"
+        )
+    return LABELLED_DISTRIBUTIONS[name]
+
+
 def get_distribution(name: str, role: str = "data.target") -> Sampler:
     """The sampler called `name`, or a one-line error listing the choices."""
     if name not in DISTRIBUTIONS:
@@ -135,9 +166,11 @@ class PairStream(IterableDataset):
     datamodule saves `next_index` in checkpoints. An epoch's iterator ends at the next multiple of
     `batches_per_epoch`, so an epoch resumed half-way yields only its remaining batches. Loader workers take every
     `num_workers`-th batch (exact resume then needs num_workers = 0, where the counter lives in this process).
+    A `target` that returns (points, labels) (a `LabelledSampler`) makes the batches (x0, x1, labels).
     """
 
-    def __init__(self, source: Sampler, target: Sampler, batch_size: int, batches_per_epoch: int, seed: int) -> None:
+    def __init__(self, source: Sampler, target: Sampler | LabelledSampler, batch_size: int, batches_per_epoch: int,
+                 seed: int) -> None:  # fmt: skip
         self.source, self.target = source, target
         self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
         self.rank = 0
@@ -146,11 +179,12 @@ class PairStream(IterableDataset):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+    def batch(self, index: int) -> tuple[Tensor, ...]:
         g = seeded_generator(self.seed, "train", self.rank, index)
-        return self.source(self.batch_size, g), self.target(self.batch_size, g)
+        x0, target = self.source(self.batch_size, g), self.target(self.batch_size, g)
+        return (x0, *target) if isinstance(target, tuple) else (x0, target)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         info = torch.utils.data.get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         start = self.next_index
@@ -207,9 +241,14 @@ class Toy2DDataModule(PairStreamDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shape: tuple[int, ...] = (2,),
+        num_classes: int = 0,
+        with_labels: bool = False,
     ) -> None:
         super().__init__()
         self.target_sampler = get_distribution(target, "data.target")
+        # conditioning=class: batches carry each target point's class
+        training_target = get_labelled_distribution(target) if with_labels else self.target_sampler
+        self.num_classes = NUM_CLASSES[target] if with_labels else 0
         self.source_sampler = get_distribution(source, "data.source")
         if batch_size < 1 or batches_per_epoch < 1 or num_eval_samples < 2:
             raise UserError(
@@ -222,7 +261,7 @@ class Toy2DDataModule(PairStreamDataModule):
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.num_eval_samples, self.num_workers, self.seed = num_eval_samples, num_workers, seed
         self.data_shape: tuple[int, ...] = (2,)
-        self._stream = PairStream(self.source_sampler, self.target_sampler, batch_size, batches_per_epoch, seed)
+        self._stream = PairStream(self.source_sampler, training_target, batch_size, batches_per_epoch, seed)
 
     def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
         """A fixed set of `n` data samples per (dataset, seed, index), never seen in training."""

@@ -30,6 +30,13 @@ from fmlab.seeding import stream_seed
 DEFAULT_LIKELIHOOD_SOLVER = ODESolver("dopri5", atol=1e-5, rtol=1e-5)
 
 
+def field_device(field: torch.nn.Module) -> torch.device:
+    """Where the field's net lives (its parameters, or its buffers for a parameter-free exact field)."""
+    for tensor in (*field.parameters(), *field.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def run_chunks(
     sizes: list[int],
     ranks: Ranks,
@@ -50,6 +57,24 @@ def run_chunks(
     return rows, [int(n) for n in per_chunk.tolist()]
 
 
+LABEL_CHOICES = ("uniform", "a list of class indices")
+
+
+def class_labels(labels: str | list[int] | tuple[int, ...], num_classes: int, start: int, size: int) -> Tensor:
+    """The classes asked of generated rows start .. start + size − 1: `uniform` cycles through 0..K−1 by row index
+    (every class equally often, each row's class fixed whatever the chunking or the number of processes); a list
+    cycles through its entries the same way."""
+    rows = torch.arange(start, start + size)
+    if isinstance(labels, str):
+        if labels != "uniform":
+            raise choices_error("eval.labels", labels, LABEL_CHOICES)
+        return rows % num_classes
+    chosen = torch.as_tensor(list(labels), dtype=torch.long)
+    if chosen.numel() == 0 or bool((chosen < 0).any()) or bool((chosen >= num_classes).any()):
+        raise UserError(f"eval.labels={list(labels)} must list class indices in 0..{num_classes - 1}")
+    return chosen[rows % len(chosen)]
+
+
 def generate(
     field: VelocityField,
     datamodule: EvaluationData,
@@ -60,17 +85,24 @@ def generate(
     ranks: Ranks,
     on_chunk: Callable[[Tensor], Any] | None = None,
     tick: Callable[[], Any] | None = None,
+    labels: str | list[int] = "uniform",
+    guidance_scale: float = 0.0,
 ) -> tuple[Tensor, list[int]]:
     """`num_samples` samples from the fixed source chunks of `draw`, on every rank, and the NFE of each chunk.
 
-    `on_chunk(samples)` sees each of this rank's chunks before the gather (FID's per-rank update).
+    A class-conditional field generates the classes `class_labels(labels, ...)` asks for each row, guided with
+    `guidance_scale`. `on_chunk(samples)` sees each of this rank's chunks before the gather (FID's per-rank update).
     """
-    device = next(field.parameters()).device
+    device = field_device(field)
 
     def compute(chunk: int, start: int, size: int) -> tuple[Tensor, int]:
         x0 = datamodule.eval_source(size, draw=draw, chunk=chunk, start=start).to(device)
+        asked = class_labels(labels, field.num_classes, start, size).to(device) if field.num_classes else None
         # a stochastic sampler's noise, fixed per (draw, chunk) like the source: the same samples on any world size
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            field.conditioned_on(asked, guidance_scale),
+        ):
             torch.manual_seed(stream_seed(getattr(datamodule, "seed", 0), "sampler_noise", draw, chunk))
             result = sample(field, x0, solver)
         if on_chunk is not None:
@@ -129,6 +161,9 @@ class Evaluator:
       and the held-out set, and `normalized_path_energy` |PE − W2²| / W2² (Tong et al. 2024, §5.1).
     - `diverged`, `nonfinite_samples`: a draw with a NaN or infinite sample has NaN W2, MMD and FID (POT would
       return 0 and FID would clamp the pixels), and the run is flagged.
+    - class-conditional runs: samples of the classes `labels` asks for (`uniform`: every class equally often, by
+      row index), guided with `guidance_scale` w; on digits `class_accuracy`, how often the digits classifier
+      reads a sample as the class it was asked for. NLL and path energy are the unconditional model's (∅).
 
     `progress=True` shows a progress bar over the evaluation's chunks (rank 0).
     """
@@ -149,6 +184,8 @@ class Evaluator:
         progress: bool = False,
         path_energy: bool = False,
         fidelity_metrics: list[str] | tuple[str, ...] = (),
+        guidance_scale: float = 0.0,
+        labels: str | list[int] = "uniform",
     ) -> None:
         if num_samples < 2 or num_draws < 1 or batch_size < 1 or nll_samples < 0:
             raise UserError(
@@ -177,6 +214,9 @@ class Evaluator:
         self.progress = progress
         self.path_energy = path_energy
         self.fidelity_metrics = check_metrics(fidelity_metrics)
+        self.guidance_scale = float(guidance_scale)
+        self.labels = labels if isinstance(labels, str) else [int(label) for label in labels]
+        self._classifier: Any = None  # the digits classifier of `class_accuracy`, built once
         self._fidelity: tuple[Any, Tensor] | None = None  # (extractor, reference features), built once
         self._tick: Callable[[], Any] | None = None
         self._fid: tuple[Any, Any, Any] | None = None  # (metric, prepare, reference states), built once
@@ -186,6 +226,13 @@ class Evaluator:
         """All metrics of `field` (e.g. `module.velocity_field(ema_net)`) on `datamodule`; every rank must call this
         together."""
         ranks = ranks or Ranks()
+        if self.guidance_scale and not field.num_classes:
+            raise UserError(
+                f"eval.guidance_scale={self.guidance_scale} needs a class-conditional run (conditioning=class); "
+                "this one is unconditional"
+            )
+        if field.num_classes:
+            class_labels(self.labels, field.num_classes, 0, 1)  # a bad eval.labels stops before any sampling
         started = time.perf_counter()
         was_training = field.training
         field.eval()
@@ -209,6 +256,8 @@ class Evaluator:
             eval_world_size=ranks.world_size,
             eval_seconds=time.perf_counter() - started,
         )
+        if field.num_classes:
+            results.update(guidance_scale=self.guidance_scale, labels=self.labels)
         return results
 
     def _progress_bar(self, datamodule: EvaluationData, ranks: Ranks):
@@ -228,7 +277,17 @@ class Evaluator:
     def _generate_draws(self, field: VelocityField, datamodule: EvaluationData, ranks: Ranks, on_chunk=None):
         for draw in range(self.num_draws):
             samples, nfe = generate(
-                field, datamodule, self.solver, self.num_samples, self.batch_size, draw, ranks, on_chunk, self._tick
+                field,
+                datamodule,
+                self.solver,
+                self.num_samples,
+                self.batch_size,
+                draw,
+                ranks,
+                on_chunk,
+                self._tick,
+                self.labels,
+                self.guidance_scale,
             )
             yield draw, samples, nfe
 
@@ -251,7 +310,7 @@ class Evaluator:
         self, field: VelocityField, datamodule: EvaluationData, ranks: Ranks, held_out: Tensor
     ) -> dict[str, float]:
         """PE over the source points of draw 0 (chunked like generation), W2² from them to `held_out`, and NPE."""
-        device = next(field.parameters()).device
+        device = field_device(field)
 
         def compute(chunk: int, start: int, size: int) -> tuple[Tensor, int]:
             x0 = datamodule.eval_source(size, draw=0, chunk=chunk, start=start).to(device)
@@ -294,10 +353,11 @@ class Evaluator:
         return metric, prepare
 
     def _image_metrics(self, field: VelocityField, datamodule: Any, ranks: Ranks) -> dict[str, Any]:
-        device = next(field.parameters()).device
+        device = field_device(field)
         metric, prepare = self.fid_metric(datamodule, device, ranks)
         fid, nfe, nonfinite = [], [], 0
         per_draw: dict[str, list[float]] = {}
+        feature = self.fid_options.get("feature") or datamodule.fid_feature
         for _, samples, chunk_nfe in self._generate_draws(
             field, datamodule, ranks, on_chunk=lambda x: metric.update(prepare(x), real=False)
         ):
@@ -309,6 +369,9 @@ class Evaluator:
                 scores = self._fidelity_of(samples, datamodule)
                 for name, score in scores.items():
                     per_draw.setdefault(name, []).append(math.nan if bad else score)
+            if field.num_classes and feature == "digits":
+                accuracy = self._class_accuracy(samples, field.num_classes)
+                per_draw.setdefault("class_accuracy", []).append(math.nan if bad else accuracy)
             nfe += chunk_nfe
             nonfinite += bad
         # Lipman et al. 2023 and ADM take FID against the training set's statistics
@@ -317,6 +380,16 @@ class Evaluator:
         for name, values in per_draw.items():
             results.update(over_draws(name, values))
         return results
+
+    def _class_accuracy(self, samples: Tensor, num_classes: int) -> float:
+        """The fraction of a draw's samples the digits classifier assigns to the class they were generated for."""
+        from fmlab.metrics.digits_classifier import DigitsFeatures
+
+        if self._classifier is None:
+            self._classifier = DigitsFeatures(self.fid_options.get("weights_path")).classifier.to(samples.device)
+        asked = class_labels(self.labels, num_classes, 0, len(samples)).to(samples.device)
+        predicted = self._classifier(samples.clamp(-1, 1).float()).argmax(1)
+        return float((predicted == asked).float().mean())
 
     def _fidelity_of(self, samples: Tensor, datamodule: Any) -> dict[str, float]:
         """IS, KID, precision/recall of one draw's gathered samples (every rank computes the same numbers) against
@@ -347,7 +420,7 @@ class Evaluator:
         solver = self.likelihood_solver or (
             self.solver if isinstance(self.solver, ODESolver) else DEFAULT_LIKELIHOOD_SOLVER
         )
-        device = next(field.parameters()).device
+        device = field_device(field)
         draws = self.dequantization_samples if datamodule.is_image else 1
         log_probs, nfe = [], []
         for k in range(draws):  # k = 0: the dequantisation every earlier evaluation used

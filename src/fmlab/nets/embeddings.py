@@ -23,3 +23,25 @@ def sinusoidal_embedding(t: Tensor, dim: int, scale: float = 1000.0, max_period:
     if dim % 2:
         embedding = torch.nn.functional.pad(embedding, (0, 1))
     return embedding
+
+
+class ClassEmbedding(torch.nn.Embedding):
+    """A learned vector per class plus one for the null class ∅ (index `num_classes`), the "no label" input of
+    classifier-free guidance (Ho & Salimans 2022): one net is then both p(x | y) and p(x)."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes={num_classes} must be >= 1 for a class embedding")
+        super().__init__(num_classes + 1, dim)
+        self.num_classes = num_classes
+        torch.nn.init.normal_(self.weight, std=dim**-0.5)
+
+    @property
+    def null(self) -> int:
+        return self.num_classes
+
+    def forward(self, labels: Tensor | None, batch: int | None = None) -> Tensor:  # type: ignore[override]
+        """The embedding of `labels` (a long tensor of class indices, `null` for ∅); None: ∅ for a whole batch."""
+        if labels is None:
+            labels = torch.full((batch or 1,), self.null, dtype=torch.long, device=self.weight.device)
+        return super().forward(labels)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fmlab.errors import UserError, choices_error
+from fmlab.nets.embeddings import ClassEmbedding
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "selu": nn.SELU,
@@ -25,6 +26,10 @@ class MLP(nn.Module):
     as one input feature plus K = `time_frequencies` Fourier pairs (0: t alone, as TorchCFM's MLP).
 
     Data of any shape is flattened in and reshaped out (an MLP on 8×8 digits sees 64-dimensional vectors).
+
+    With `num_classes` = K > 0 the net is class-conditional, v(t, x, y): a learned vector E[y] (K classes and the
+    null class ∅) is added to the first layer's pre-activation W [x, τ(t)] + E[y], i.e. beside the time features'
+    contribution; y = None is ∅.
     """
 
     def __init__(
@@ -34,12 +39,15 @@ class MLP(nn.Module):
         depth: int = 3,
         activation: str = "selu",
         time_frequencies: int = 0,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         if time_frequencies < 0:
             raise UserError(f"net.time_frequencies={time_frequencies} must be >= 0")
         if activation not in ACTIVATIONS:
             raise choices_error("net.activation", activation, ACTIVATIONS)
+        if num_classes < 0:
+            raise UserError(f"net.num_classes={num_classes} must be >= 0 (0: unconditional)")
         if width < 1 or depth < 1:
             raise UserError(f"net.width={width} and net.depth={depth} must both be >= 1")
         self.data_shape = tuple(int(d) for d in data_shape)
@@ -52,11 +60,20 @@ class MLP(nn.Module):
             in_features = width
         layers.append(nn.Linear(in_features, dim))
         self.layers = nn.Sequential(*layers)
+        self.num_classes = num_classes
+        self.class_embedding = ClassEmbedding(num_classes, width) if num_classes else None
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None) -> Tensor:
         t = t.to(x.dtype).expand(x.shape[0]).reshape(-1, 1)
         features = [x.flatten(1), t]
         if len(self.frequencies):
             angles = t * self.frequencies.to(x.dtype)
             features += [torch.sin(angles), torch.cos(angles)]
-        return self.layers(torch.cat(features, dim=1)).view_as(x)
+        inputs = torch.cat(features, dim=1)
+        if self.class_embedding is None:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional MLP (net.num_classes=0)")
+            return self.layers(inputs).view_as(x)
+        first, rest = self.layers[0], self.layers[1:]
+        hidden = first(inputs) + self.class_embedding(labels, x.shape[0]).to(x.dtype)
+        return rest(hidden).view_as(x)

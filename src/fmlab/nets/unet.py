@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fmlab.errors import UserError
-from fmlab.nets.embeddings import sinusoidal_embedding
+from fmlab.nets.embeddings import ClassEmbedding, sinusoidal_embedding
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -118,6 +118,7 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         time_scale: float = 1000.0,
         channels_last: bool = False,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         shape = tuple(int(d) for d in data_shape)
@@ -143,6 +144,8 @@ class UNet(nn.Module):
         widths = [channels * m for m in channel_mult]
         if any(w % norm_groups for w in widths):
             raise UserError(f"net.norm_groups={norm_groups} must divide every level's channels {widths}")
+        if num_classes < 0:
+            raise UserError(f"net.num_classes={num_classes} must be >= 0 (0: unconditional)")
         if not 0.0 <= dropout < 1.0:
             raise UserError(f"net.dropout={dropout} must satisfy 0 <= dropout < 1")
 
@@ -152,6 +155,9 @@ class UNet(nn.Module):
         self.time_embedding = nn.Sequential(
             nn.Linear(channels, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim)
         )
+        # ADM's class conditioning: a label embedding added to the time embedding (null class ∅ for guidance)
+        self.num_classes = num_classes
+        self.class_embedding = ClassEmbedding(num_classes, embedding_dim) if num_classes else None
 
         def level(c_in: int, c_out: int, resolution: int) -> Level:
             attention = (
@@ -190,9 +196,13 @@ class UNet(nn.Module):
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None) -> Tensor:
         t = t.to(x.dtype).expand(x.shape[0])
         embedding = self.time_embedding(sinusoidal_embedding(t, self.channels, self.time_scale).to(x.dtype))
+        if self.class_embedding is not None:
+            embedding = embedding + self.class_embedding(labels, x.shape[0]).to(x.dtype)
+        elif labels is not None:
+            raise ValueError("labels given to an unconditional U-Net (net.num_classes=0)")
         h = self.input_conv(x.contiguous(memory_format=self.memory_format))
         skips = [h]
         for block in self.encoder:

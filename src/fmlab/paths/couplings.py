@@ -16,11 +16,14 @@ OT_METHODS = ("exact", "sinkhorn")
 SINKHORN_MARGINAL_TOLERANCE = 1e-3
 
 
+Pairs = tuple[Tensor, ...]  # (x0, x1), or (x0, x1, labels of x1) for class-conditional batches
+
+
 class IndependentCoupling:
     """q(x0, x1) = p0(x0) q1(x1): the batch as sampled."""
 
-    def __call__(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
-        return x0, x1
+    def __call__(self, x0: Tensor, x1: Tensor, labels: Tensor | None = None) -> Pairs:
+        return (x0, x1) if labels is None else (x0, x1, labels)
 
     def __repr__(self) -> str:
         return "IndependentCoupling()"
@@ -38,14 +41,20 @@ class MinibatchOTCoupling:
     so x1 is re-ordered to its partner. `sinkhorn`: the entropic plan with regularisation `reg` on C (SB-CFM
     takes reg = 2σ²), and pairs (i, j) drawn from it with replacement. `draw_from_plan=True` draws the exact plan's
     pairs with replacement too, as TorchCFM's `OTPlanSampler.sample_plan` does (some pairs twice, some not at all).
+
+    Labelled batches (conditioning=class): each x1 keeps its label. `per_class=True` solves one OT problem per
+    class, between that class's data rows and as many source rows (those at the same batch positions), so a pair
+    never crosses classes and the conditional path of class y transports N(0, I) to p(x | y).
     """
 
-    def __init__(self, method: str = "exact", reg: float = 0.05, draw_from_plan: bool = False) -> None:
+    def __init__(self, method: str = "exact", reg: float = 0.05, draw_from_plan: bool = False,
+                 per_class: bool = False) -> None:  # fmt: skip
         if method not in OT_METHODS:
             raise choices_error("coupling.method", method, OT_METHODS)
         if method == "sinkhorn" and reg <= 0:
             raise UserError(f"coupling.reg={reg} must be > 0 for sinkhorn")
         self.method, self.reg, self.draw_from_plan = method, float(reg), bool(draw_from_plan)
+        self.per_class = bool(per_class)
 
     def plan(self, x0: Tensor, x1: Tensor) -> np.ndarray:
         """The OT plan π between the two batches' empirical measures (uniform weights)."""
@@ -64,16 +73,36 @@ class MinibatchOTCoupling:
                 return plan
             return ot.sinkhorn(a, b, cost, self.reg, method="sinkhorn_log", numItermax=1000)
 
-    def __call__(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+    def pair_indices(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+        """Row indices (i, j): the coupled batch is (x0[i], x1[j])."""
         pi = self.plan(x0, x1)
         if self.method == "exact" and x0.shape[0] == x1.shape[0] and not self.draw_from_plan:
-            partner = torch.from_numpy(pi.argmax(axis=1)).to(x1.device)
-            return x0, x1[partner]
+            return torch.arange(x0.shape[0]), torch.from_numpy(pi.argmax(axis=1))
         probs = torch.from_numpy(pi.ravel()).clamp_min(0)
         pairs = torch.multinomial(probs / probs.sum(), x0.shape[0], replacement=True)
-        i, j = pairs // pi.shape[1], pairs % pi.shape[1]
-        return x0[i.to(x0.device)], x1[j.to(x1.device)]
+        return pairs // pi.shape[1], pairs % pi.shape[1]
+
+    def __call__(self, x0: Tensor, x1: Tensor, labels: Tensor | None = None) -> Pairs:
+        if labels is not None and self.per_class:
+            i, j = self._per_class_indices(x0, x1, labels)
+        else:
+            i, j = self.pair_indices(x0, x1)
+        i, j = i.to(x0.device), j.to(x1.device)
+        return (x0[i], x1[j]) if labels is None else (x0[i], x1[j], labels[j])
+
+    def _per_class_indices(self, x0: Tensor, x1: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """One OT problem per class among the rows of that class (x0 rows at the same positions)."""
+        if x0.shape[0] != x1.shape[0]:
+            raise UserError(f"coupling.per_class=true needs equal batches; got {x0.shape[0]} and {x1.shape[0]}")
+        i_all, j_all = [], []
+        for label in torch.unique(labels):
+            rows = torch.nonzero(labels == label).flatten().cpu()
+            i, j = self.pair_indices(x0[rows.to(x0.device)], x1[rows.to(x1.device)])
+            i_all.append(rows[i])
+            j_all.append(rows[j])
+        return torch.cat(i_all), torch.cat(j_all)
 
     def __repr__(self) -> str:
         drawn = ", draw_from_plan=True" if self.draw_from_plan else ""
-        return f"MinibatchOTCoupling(method={self.method}, reg={self.reg}{drawn})"
+        per_class = ", per_class=True" if self.per_class else ""
+        return f"MinibatchOTCoupling(method={self.method}, reg={self.reg}{drawn}{per_class})"
