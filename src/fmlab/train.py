@@ -241,8 +241,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from fmlab.callbacks import PeriodicEvaluation, build_callbacks
     from fmlab.callbacks.resume import SIGTERM_EXIT_STATUS, AtomicCheckpointIO, restore_best_checkpoint
+    from fmlab.data.reflow import ReflowDataModule, init_student
     from fmlab.distributed import end_process_group
     from fmlab.module import FlowModule, net_parameters
+    from fmlab.paths.couplings import ReflowCoupling
     from fmlab.runs import is_launching_process, load_checkpoint, lock_run_dir, write_metrics
     from fmlab.sampling import SolverError
     from fmlab.utils.config import instantiate_each
@@ -267,6 +269,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"data.source={source} cannot be used with method={cfg.method.name}: its objective "
             f"({module.objective!r}) assumes a N(0, I) source; use data.source=gaussian or a velocity objective"
         )
+    if isinstance(module.coupling, ReflowCoupling):  # training batches: the teacher's pairs; evaluation: the data
+        datamodule = ReflowDataModule(datamodule, module.coupling, cfg.data.batch_size, cfg.seed)
+        if cfg.ckpt_path is None and module.coupling.init_from_teacher:
+            init_student(module.net, module.coupling)
     print(f"fmlab: net {type(module.net).__name__} with {net_parameters(module.net):,} parameters", flush=True)
     callbacks = build_callbacks(cfg)
     resume_step = 0
@@ -309,6 +315,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             end_process_group()
             return metrics
         metrics = run_metrics(cfg, trainer, module, callbacks, evaluation)
+        metrics.update(getattr(datamodule, "generation", {}))  # reflow: the pairs' cost
         metrics["wall_seconds"] = time.perf_counter() - started
         if trainer.is_global_zero:
             write_metrics(output_dir, metrics)

@@ -21,7 +21,13 @@ from fmlab.data.interface import EvaluationData
 from fmlab.distributed import Ranks, chunk_sizes, gather_chunks
 from fmlab.errors import UserError, choices_error
 from fmlab.likelihood import DIVERGENCES, bits_per_dim, importance_weighted_log_prob, log_likelihood
-from fmlab.metrics.distances import DEFAULT_BANDWIDTHS, mmd_rbf, normalized_path_energy, wasserstein2
+from fmlab.metrics.distances import (
+    DEFAULT_BANDWIDTHS,
+    mmd_rbf,
+    normalized_path_energy,
+    straightness,
+    wasserstein2,
+)
 from fmlab.metrics.fidelity import check_metrics
 from fmlab.sampling import AncestralSampler, ODESolver, VelocityField, path_energy, sample
 from fmlab.seeding import stream_seed
@@ -156,9 +162,11 @@ class Evaluator:
       when the source is N(0, I); divergence exact for point data, Hutchinson (`num_probes` Rademacher probes) for
       images. Images take the importance-weighted bound over `dequantization_samples` = K uniform dequantisations
       of each image (`likelihood.importance_weighted_log_prob`; K = 1: the plain dequantised estimate).
-    - point data with `path_energy=True`: `path_energy` PE = E ∫ ‖v_t(x_t)‖² dt over the first draw's source
-      points (`sampling.path_energy`, same solver), `transport_cost` W2²(x0, held-out) between those source points
-      and the held-out set, and `normalized_path_energy` |PE − W2²| / W2² (Tong et al. 2024, §5.1).
+    - `path_energy` (null: on for point data evaluated with an ODE solver; true also for images): PE =
+      E ∫ ‖v_t(x_t)‖² dt over the first draw's source points (`sampling.path_energy`, same solver), `straightness`
+      S = E ∫ ‖(x_end − x_start) − v_t(x_t)‖² dt along the same trajectories (Liu et al. 2023; 0 for straight
+      constant-speed paths), `transport_cost` W2²(x0, held-out) between those source points and the held-out set,
+      and `normalized_path_energy` |PE − W2²| / W2² (Tong et al. 2024, §5.1).
     - `diverged`, `nonfinite_samples`: a draw with a NaN or infinite sample has NaN W2, MMD and FID (POT would
       return 0 and FID would clamp the pixels), and the run is flagged.
     - class-conditional runs: samples of the classes `labels` asks for (`uniform`: every class equally often, by
@@ -182,7 +190,7 @@ class Evaluator:
         likelihood_solver: ODESolver | None = None,
         dequantization_samples: int = 1,
         progress: bool = False,
-        path_energy: bool = False,
+        path_energy: bool | None = None,
         fidelity_metrics: list[str] | tuple[str, ...] = (),
         guidance_scale: float = 0.0,
         labels: str | list[int] = "uniform",
@@ -267,7 +275,7 @@ class Evaluator:
         from tqdm.auto import tqdm
 
         chunks = self.num_draws * len(chunk_sizes(self.num_samples, self.batch_size))
-        if self.path_energy and not datamodule.is_image:
+        if self._measures_path_energy(datamodule):
             chunks += len(chunk_sizes(self.num_samples, self.batch_size))
         if self.nll_samples and datamodule.source == "gaussian":
             draws = self.dequantization_samples if datamodule.is_image else 1
@@ -302,22 +310,30 @@ class Evaluator:
             nonfinite += count_nonfinite(samples)
         floor_and_mmd = {"w2_floor": statistics.fmean(floor), "mmd": statistics.fmean(mmd)}
         results = {**over_draws("w2", w2), **floor_and_mmd, **nfe_stats(nfe), "nonfinite_samples": nonfinite}
-        if self.path_energy:
+        if self._measures_path_energy(datamodule):
             results.update(self._path_energy(field, datamodule, ranks, held_out))
         return results
+
+    def _measures_path_energy(self, datamodule: EvaluationData) -> bool:
+        if self.path_energy is None:
+            return not datamodule.is_image and isinstance(self.solver, ODESolver)
+        return bool(self.path_energy)
 
     def _path_energy(
         self, field: VelocityField, datamodule: EvaluationData, ranks: Ranks, held_out: Tensor
     ) -> dict[str, float]:
-        """PE over the source points of draw 0 (chunked like generation), W2² from them to `held_out`, and NPE."""
+        """PE and straightness over the source points of draw 0 (chunked like generation), W2² from them to
+        `held_out`, and NPE."""
         device = field_device(field)
 
         def compute(chunk: int, start: int, size: int) -> tuple[Tensor, int]:
             x0 = datamodule.eval_source(size, draw=0, chunk=chunk, start=start).to(device)
             result = path_energy(field, x0, self.solver)
-            return torch.cat([result.start.flatten(1), result.energy[:, None]], dim=1), result.nfe
+            displacement = (result.samples - result.start).flatten(1).pow(2).sum(1)
+            rows = [result.start.flatten(1), result.energy[:, None], displacement[:, None]]
+            return torch.cat(rows, dim=1), result.nfe
 
-        width = math.prod(datamodule.data_shape) + 1
+        width = math.prod(datamodule.data_shape) + 2
         rows, _ = run_chunks(
             chunk_sizes(self.num_samples, self.batch_size),
             ranks,
@@ -325,10 +341,12 @@ class Evaluator:
             torch.empty(0, width, device=device),
             self._tick,
         )
-        energy = float(rows[:, -1].double().mean())
-        cost = wasserstein2(rows[:, :-1], held_out) ** 2
+        energy = float(rows[:, -2].double().mean())
+        duration = field.path.t_max - field.path.t_min
+        cost = wasserstein2(rows[:, :-2], held_out.flatten(1)) ** 2
         return {
             "path_energy": energy,
+            "straightness": straightness(rows[:, -2].double(), rows[:, -1].double(), duration),
             "transport_cost": cost,
             "normalized_path_energy": normalized_path_energy(energy, cost),
         }
@@ -377,6 +395,8 @@ class Evaluator:
         # Lipman et al. 2023 and ADM take FID against the training set's statistics
         fid_meta = {"fid_reference": "train", "fid_feature": self.fid_options.get("feature") or datamodule.fid_feature}
         results = {**over_draws("fid", fid), **fid_meta, **nfe_stats(nfe), "nonfinite_samples": nonfinite}
+        if self._measures_path_energy(datamodule):
+            results.update(self._path_energy(field, datamodule, ranks, datamodule.held_out(self.num_samples)))
         for name, values in per_draw.items():
             results.update(over_draws(name, values))
         return results

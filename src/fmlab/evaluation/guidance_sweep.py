@@ -31,6 +31,8 @@ def guidance_sweep(
     if not guidance_scales:
         raise UserError("sweep.guidance_scales is empty; give at least one scale, e.g. [0, 1, 2]")
     evaluator = copy.copy(evaluator)
+    if evaluator.path_energy is None:  # a sweep measures quality against cost: no extra integration per point
+        evaluator.path_energy = False
     rows = []
     for solver in solvers:
         solver.check_path(field.path)

@@ -46,6 +46,8 @@ def nfe_sweep(
     """One row per solver: its NFE and the quality metric (FID for images, W2 for points). The evaluator is reused,
     so the FID extractor and reference statistics are built once; the caller's evaluator is left as it was."""
     evaluator = copy.copy(evaluator)
+    if evaluator.path_energy is None:  # a sweep measures quality against cost: no extra integration per point
+        evaluator.path_energy = False
     rows = []
     for solver in solvers:
         try:

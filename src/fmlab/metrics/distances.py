@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import ot
+import torch
 from torch import Tensor
 
 
@@ -62,3 +63,14 @@ def normalized_path_energy(path_energy: float, transport_cost: float) -> float:
     if not (math.isfinite(path_energy) and math.isfinite(transport_cost)) or transport_cost <= 0:
         return math.nan
     return abs(path_energy - transport_cost) / transport_cost
+
+
+def straightness(energy: Tensor, displacement: Tensor, duration: float = 1.0) -> float:
+    """Liu et al. 2023's straightness S = E ∫_a^b ‖(x_b − x_a) − v_t(x_t)‖² dt of trajectories on [a, b], from each
+    trajectory's kinetic energy E_i = ∫ ‖v_t‖² dt and squared displacement D_i = ‖x_b − x_a‖²: since ∫ v_t dt =
+    x_b − x_a, the integrand expands to S = E[E_i − (2 − (b − a)) D_i]. 0 exactly for straight paths at constant
+    speed; NaN when either input is not finite."""
+    values = energy.double() - (2.0 - duration) * displacement.double()
+    if not bool(torch.isfinite(values).all()):
+        return math.nan
+    return float(values.mean())

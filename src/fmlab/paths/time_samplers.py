@@ -255,3 +255,27 @@ class LogSNRUniformTime(TimeSampler):
         t = path.t_min + width * u.double()
         g2_over_sigma2 = path.diffusion_squared(t) / path.schedule.sigma(t) ** 2
         return torch.log(g2_over_sigma2) - math.log(high - low) + math.log(width)
+
+
+class GridTime(TimeSampler):
+    """t uniform on the k-step grid {t_min + (t_max − t_min) i/k : i = 0..k−1}: the times a k-step Euler sampler
+    visits. Training a reflowed model on its own pairs at these times only is the k-step distillation of Liu et al.
+    2023 (gnobitab/RectifiedFlow, `reflow_t_schedule` = k; k = 1: t = t_min alone, their "t0"). A discrete
+    distribution: it has no density, so no density-ratio weight."""
+
+    def __init__(self, k: int = 1, loss_weight: str = "none") -> None:
+        super().__init__(loss_weight)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UserError(f"time_sampler.k={k!r} is invalid; it must be a whole number of steps >= 1")
+        if loss_weight != "none":
+            raise UserError("time_sampler=grid has no density, so time_sampler.loss_weight must be none")
+        self.k = k
+
+    def sample_unit(self, path: AffinePath, n: int) -> Tensor:
+        return torch.randint(0, self.k, (n,), dtype=torch.float64) / self.k
+
+    def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
+        raise UserError("time_sampler=grid is discrete: it has no density")
+
+    def _settings(self) -> str:
+        return f"k={self.k}"

@@ -1,0 +1,143 @@
+"""Reflow measured: teacher vs 2-rectified flow vs 2-rectified + 1-step distilled, per seed, on 2D data and digits.
+
+Each stage is an ordinary `python -m fmlab.train` run (the student: `coupling=reflow coupling.teacher=<teacher>`, the
+distilled model: `coupling=reflow` on the 2-rectified flow with `time_sampler=grid time_sampler.k=1`), then
+`python -m fmlab.evaluate` at 1, 2 and 4 Euler steps. Finished runs are skipped, so a stopped table resumes.
+
+    python scripts/reflow_table.py --task moons --seeds 0 1 2 --out outputs/reflow
+    python scripts/reflow_table.py --task digits --seeds 0 1 2 --out outputs/reflow
+    python scripts/reflow_table.py --render --out outputs/reflow > docs/tables/reflow.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+# the teacher, and what every stage of a task shares (2D: TorchCFM's 8 Gaussians -> moons pair with I-CFM;
+# digits: experiment=digits_fm_ot); the students train on the linear path (FM-OT, sigma_min 1e-4), as Liu et al.
+TASKS = {
+    "moons": {
+        "teacher": ["method=icfm", "data.source=8gaussians"],
+        "student": ["method=fm_ot", "data.source=8gaussians", "trainer.max_steps=4000", "coupling.num_pairs=10000"],
+        "distill": ["trainer.max_steps=2000"],
+        "common": ["eval.num_draws=4", "eval.nll_samples=0"],
+        "metric": "w2",
+    },
+    "digits": {
+        "teacher": ["experiment=digits_fm_ot"],
+        "student": ["experiment=digits_fm_ot", "trainer.max_steps=1500", "coupling.num_pairs=5000"],
+        "distill": ["trainer.max_steps=1000"],
+        "common": ["eval.num_draws=1", "eval.nll_samples=0", "eval.path_energy=true"],
+        "metric": "fid",
+    },
+}
+STAGES = ("teacher", "2-rectified", "2-rectified + distilled (k = 1)")
+EULER_STEPS = (1, 2, 4)
+
+
+def run(module: str, *args: str, log: Path) -> None:
+    with log.open("w") as stream:
+        code = subprocess.run([sys.executable, "-m", module, *args], stdout=stream, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"{module} {' '.join(args)} failed with status {code}; see {log}")
+
+
+def train_stage(task: dict, stage: str, seed: int, out: Path, name: str) -> Path:
+    run_dir = out / name
+    if (run_dir / "metrics.json").exists():
+        return run_dir
+    args = [*task["common"], f"seed={seed}", "logger=csv", "extras.print_config=false", f"hydra.run.dir={run_dir}"]
+    prefix = name.rsplit("_", 2)[0]
+    if stage == STAGES[0]:
+        args = [*task["teacher"], *args]
+    elif stage == STAGES[1]:
+        args = [*task["student"], "coupling=reflow", f"coupling.teacher={out / f'{prefix}_teacher_s{seed}'}", *args]
+    else:
+        args = [*task["student"], *task["distill"], "coupling=reflow", "time_sampler=grid", "time_sampler.k=1",
+                f"coupling.teacher={out / f'{prefix}_rectified_s{seed}'}", *args]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    run("fmlab.train", *args, log=out / f"{name}.log")
+    return run_dir
+
+
+def euler_metric(run_dir: Path, steps: int, task: dict) -> float:
+    target = run_dir.parent / f"{run_dir.name}_euler{steps}"
+    if not (target / "metrics.json").exists():
+        args = [f"ckpt_path={run_dir}", "solver=euler", f"solver.num_steps={steps}", *task["common"]]
+        args = [a for a in args if not a.startswith("eval.path_energy")] + [f"hydra.run.dir={target}"]
+        run("fmlab.evaluate", *args, log=run_dir.parent / f"{target.name}.log")
+    return json.loads((target / "metrics.json").read_text())[task["metric"]]
+
+
+def measure(task_name: str, seeds: list[int], out: Path) -> None:
+    task = TASKS[task_name]
+    rows = []
+    for seed in seeds:
+        for stage, tag in zip(STAGES, ("teacher", "rectified", "distilled"), strict=True):
+            run_dir = train_stage(task, stage, seed, out, f"{task_name}_{tag}_s{seed}")
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            row = {"task": task_name, "stage": stage, "seed": seed}
+            row.update({f"{task['metric']}_euler{k}": euler_metric(run_dir, k, task) for k in EULER_STEPS})
+            row[f"{task['metric']}_dopri5"] = metrics[task["metric"]]
+            row["nfe_dopri5"] = metrics["nfe"]
+            row["straightness"] = metrics.get("straightness", math.nan)
+            row["train_seconds"] = metrics["train_seconds"] + metrics.get("pair_generation_seconds", 0.0)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    with (out / f"{task_name}.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def render(out: Path) -> str:
+    lines = []
+    for task_name, task in TASKS.items():
+        path = out / f"{task_name}.csv"
+        if not path.exists():
+            continue
+        rows = list(csv.DictReader(path.open()))
+        metric = task["metric"].upper()
+        columns = [f"{task['metric']}_euler{k}" for k in EULER_STEPS] + [f"{task['metric']}_dopri5", "nfe_dopri5",
+                                                                          "straightness", "train_seconds"]  # fmt: skip
+        header = [f"{metric}, {k} Euler step{'s' if k > 1 else ''}" for k in EULER_STEPS]
+        header += [f"{metric}, dopri5", "NFE dopri5", "straightness", "training s (pairs incl.)"]
+        lines += [f"**{task_name}** ({len({r['seed'] for r in rows})} seeds, mean ± std)", "",
+                  "| stage | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]  # fmt: skip
+        for stage in STAGES:
+            mine = [r for r in rows if r["stage"] == stage]
+            cells = []
+            for column in columns:
+                values = [float(r[column]) for r in mine]
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                digits = 0 if column in ("train_seconds", "nfe_dopri5") else 3
+                cells.append(f"{statistics.fmean(values):.{digits}f} ± {spread:.{digits}f}")
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=list(TASKS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("outputs/reflow"))
+    parser.add_argument("--render", action="store_true", help="print the markdown table of the measured tasks")
+    args = parser.parse_args()
+    if args.render:
+        print(render(args.out))
+    elif args.task:
+        measure(args.task, args.seeds, args.out)
+    else:
+        parser.error("give --task or --render")
+
+
+if __name__ == "__main__":
+    main()
