@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from fmlab.data.images import DigitsDataModule
 from fmlab.data.tong2d import TongDataModule
 from fmlab.data.toy2d import Toy2DDataModule
+from fmlab.distributed import Ranks
 from fmlab.errors import UserError
 from fmlab.evaluation.engine import Evaluator, class_labels
 from fmlab.module import drop_labels_to_null
@@ -265,3 +266,22 @@ def test_a_conditional_digits_net_generates_its_classes_and_guidance_raises_the_
     assert accuracy[2.0] > accuracy[0.0]
     assert [float(r["nfe"]) for r in rows] == [20.0, 40.0]  # a guided Euler step calls the net twice
     assert (tmp_path / "sweep" / "guidance_sweep.png").stat().st_size > 0
+
+
+def test_the_guidance_sweep_writes_one_row_per_solver_and_scale_with_both_net_calls_counted(tmp_path: Path) -> None:
+    from fmlab.evaluation.guidance_sweep import guidance_sweep, plot_guidance_sweep
+
+    path = AffinePath(CondOT())
+    field = VelocityField(class_oracle(path).float(), VelocityObjective(), path)
+    evaluator = Evaluator(ODESolver("euler", num_steps=5), num_samples=60, num_draws=1, nll_samples=0)
+    solvers = [ODESolver("euler", num_steps=5), ODESolver("midpoint", num_steps=5)]
+    rows = guidance_sweep(evaluator, field, PointData(), solvers, [0.0, 1.0], Ranks())
+    assert [(r["method"], r["guidance_scale"], r["nfe"]) for r in rows] == [
+        ("euler", 0.0, 5), ("euler", 1.0, 10), ("midpoint", 0.0, 10), ("midpoint", 1.0, 20)]  # fmt: skip
+    assert evaluator.guidance_scale == 0.0 and evaluator.solver.method == "euler"  # the caller's evaluator is kept
+    assert all(r["metric"] == "w2" and math.isfinite(r["value"]) for r in rows)
+    plot_guidance_sweep(rows, tmp_path / "guidance.png")
+    assert (tmp_path / "guidance.png").read_bytes()[:4] == b"\x89PNG"
+    unconditional = VelocityField(MarginalOracle(path, POINTS.float()), VelocityObjective(), path)
+    with pytest.raises(UserError, match="sweep=guidance needs a class-conditional run"):
+        guidance_sweep(evaluator, unconditional, PointData(), solvers, [0.0], Ranks())

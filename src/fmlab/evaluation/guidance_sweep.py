@@ -3,8 +3,6 @@ budgets), for one class-conditional checkpoint."""
 
 from __future__ import annotations
 
-import copy
-import io
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +10,7 @@ from fmlab.data.interface import EvaluationData
 from fmlab.distributed import Ranks
 from fmlab.errors import UserError
 from fmlab.evaluation.engine import Evaluator
-from fmlab.runs import write_atomically
+from fmlab.evaluation.nfe_sweep import save_figure, sweep_evaluator, sweep_row
 from fmlab.sampling import VelocityField
 
 
@@ -30,28 +28,16 @@ def guidance_sweep(
         raise UserError("sweep=guidance needs a class-conditional run (trained with conditioning=class)")
     if not guidance_scales:
         raise UserError("sweep.guidance_scales is empty; give at least one scale, e.g. [0, 1, 2]")
-    evaluator = copy.copy(evaluator)
-    if evaluator.path_energy is None:  # a sweep measures quality against cost: no extra integration per point
-        evaluator.path_energy = False
+    evaluator = sweep_evaluator(evaluator)
     rows = []
     for solver in solvers:
         solver.check_path(field.path)
         for scale in guidance_scales:
             evaluator.solver, evaluator.guidance_scale = solver, float(scale)
             results = evaluator.evaluate(field, datamodule, ranks)
-            metric = "fid" if "fid" in results else "w2"
+            row = sweep_row(solver, results, guidance_scale=float(scale))
             rows.append(
-                {
-                    "method": solver.method,
-                    "num_steps": solver.num_steps if not solver.is_adaptive else "",
-                    "tolerance": solver.atol if solver.is_adaptive else "",
-                    "guidance_scale": float(scale),
-                    "nfe": results["nfe"],
-                    "metric": metric,
-                    "value": results[metric],
-                    "class_accuracy": results.get("class_accuracy", ""),
-                    "seconds": results["eval_seconds"],
-                }
+                {**row, "class_accuracy": results.get("class_accuracy", ""), "seconds": results["eval_seconds"]}
             )
     return rows
 
@@ -85,8 +71,4 @@ def plot_guidance_sweep(rows: list[dict[str, Any]], target: Path, subject: str =
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png")
-    plt.close(fig)
-    write_atomically(target, image.getvalue())
+    save_figure(fig, target)

@@ -40,14 +40,36 @@ def sweep_solvers(
     return solvers
 
 
+def sweep_evaluator(evaluator: Evaluator) -> Evaluator:
+    """A copy of `evaluator` for a sweep (the caller's is left as it was): a sweep measures quality against cost, so
+    no extra path-energy integration per point unless asked for."""
+    evaluator = copy.copy(evaluator)
+    if evaluator.path_energy is None:
+        evaluator.path_energy = False
+    return evaluator
+
+
+def sweep_row(solver: Any, results: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """One sweep point: the solver's settings, NFE and the quality metric (FID for images, W2 for points), with
+    `extra` columns before the metric."""
+    metric = "fid" if "fid" in results else "w2"
+    return {
+        "method": solver.method,
+        "num_steps": solver.num_steps if not solver.is_adaptive else "",
+        "tolerance": solver.atol if solver.is_adaptive else "",
+        **extra,
+        "nfe": results["nfe"],
+        "metric": metric,
+        "value": results[metric],
+    }
+
+
 def nfe_sweep(
     evaluator: Evaluator, field: VelocityField, datamodule: EvaluationData, solvers: list[Any], ranks: Ranks
 ) -> list[dict[str, Any]]:
     """One row per solver: its NFE and the quality metric (FID for images, W2 for points). The evaluator is reused,
     so the FID extractor and reference statistics are built once; the caller's evaluator is left as it was."""
-    evaluator = copy.copy(evaluator)
-    if evaluator.path_energy is None:  # a sweep measures quality against cost: no extra integration per point
-        evaluator.path_energy = False
+    evaluator = sweep_evaluator(evaluator)
     rows = []
     for solver in solvers:
         try:
@@ -57,18 +79,7 @@ def nfe_sweep(
             continue
         evaluator.solver = solver
         results = evaluator.evaluate(field, datamodule, ranks)
-        metric = "fid" if "fid" in results else "w2"
-        rows.append(
-            {
-                "method": solver.method,
-                "num_steps": solver.num_steps if not solver.is_adaptive else "",
-                "tolerance": solver.atol if solver.is_adaptive else "",
-                "nfe": results["nfe"],
-                "metric": metric,
-                "value": results[metric],
-                "seconds": results["eval_seconds"],
-            }
-        )
+        rows.append({**sweep_row(solver, results), "seconds": results["eval_seconds"]})
     return rows
 
 
@@ -95,6 +106,13 @@ def plot_nfe_sweep(rows: list[dict[str, Any]], target: Path, subject: str = "") 
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=metric, title=f"{metric} against NFE {subject}".strip())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    save_figure(fig, target)
+
+
+def save_figure(fig: Any, target: Path) -> None:
+    """A matplotlib figure as a PNG file written whole, then closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format="png")
