@@ -285,3 +285,22 @@ def test_the_guidance_sweep_writes_one_row_per_solver_and_scale_with_both_net_ca
     unconditional = VelocityField(MarginalOracle(path, POINTS.float()), VelocityObjective(), path)
     with pytest.raises(UserError, match="sweep=guidance needs a class-conditional run"):
         guidance_sweep(evaluator, unconditional, PointData(), solvers, [0.0], Ranks())
+
+
+def test_image_loaders_read_their_real_label_files(tmp_path: Path) -> None:
+    from fmlab.data.images import CIFAR10DataModule, DownsampledImageNetDataModule, MNISTDataModule
+    from tests.image_fixtures import write_cifar10, write_imagenet, write_mnist
+
+    write_mnist(tmp_path)
+    write_cifar10(tmp_path, per_batch=2)
+    write_imagenet(tmp_path)
+    mnist = MNISTDataModule(data_dir=str(tmp_path), batch_size=4, with_labels=True, num_classes=10)
+    assert mnist.train_labels.tolist() == [k % 10 for k in range(12)]  # the idx1 file's bytes
+    cifar = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=4, with_labels=True, num_classes=10)
+    assert cifar.train_labels.tolist() == [0, 1] * 5  # b"labels" of data_batch_1..5, in order
+    _, x1, y = next(iter(cifar.train_dataloader()))
+    assert x1.shape == (4, 3, 32, 32) and y.dtype == torch.long
+    imagenet = DownsampledImageNetDataModule(data_dir=str(tmp_path), batch_size=2, with_labels=True, num_classes=1000)
+    assert imagenet.train_labels.tolist() == [0, 1, 2, 0, 1, 2]  # the files' 1-based labels, counted from 0
+    with pytest.raises(UserError, match=r"labels span 0\.\.2, outside the data.num_classes=2"):
+        DownsampledImageNetDataModule(data_dir=str(tmp_path), batch_size=2, with_labels=True, num_classes=2)
