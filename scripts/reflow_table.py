@@ -7,6 +7,7 @@ distilled model: `coupling=reflow` on the 2-rectified flow with `time_sampler=gr
     python scripts/reflow_table.py --task moons --seeds 0 1 2 --out outputs/reflow
     python scripts/reflow_table.py --task digits --seeds 0 1 2 --out outputs/reflow
     python scripts/reflow_table.py --render --out outputs/reflow > docs/tables/reflow.md
+    python scripts/reflow_table.py --grid docs/figures/reflow_digits_1step.png --out outputs/reflow
 """
 
 from __future__ import annotations
@@ -124,14 +125,44 @@ def render(out: Path) -> str:
     return "\n".join(lines)
 
 
+def sample_grids(out: Path, target: Path, seed: int = 0, steps: int = 1, count: int = 64) -> None:
+    """One image grid per digits stage: `count` samples of `steps` Euler steps from the same source noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from torchvision.utils import make_grid
+
+    from fmlab.runs import load_run
+    from fmlab.sampling import ODESolver, sample
+
+    fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 4.4), dpi=120)
+    for ax, stage, tag in zip(axes, STAGES, ("teacher", "rectified", "distilled"), strict=True):
+        run = load_run(out / f"digits_{tag}_s{seed}")
+        x0 = run.datamodule.eval_source(count)
+        with torch.no_grad():
+            images = sample(run.velocity_field(), x0, ODESolver("euler", num_steps=steps)).samples
+        grid = make_grid(images.clamp(-1, 1), nrow=8, normalize=True, value_range=(-1, 1), padding=1)
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"{stage}: {steps} Euler step{'s' if steps > 1 else ''}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(target)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("outputs/reflow"))
     parser.add_argument("--render", action="store_true", help="print the markdown table of the measured tasks")
+    parser.add_argument("--grid", type=Path, help="write 1-step digits sample grids of each stage (seed 0) here")
     args = parser.parse_args()
-    if args.render:
+    if args.grid:
+        sample_grids(args.out, args.grid)
+    elif args.render:
         print(render(args.out))
     elif args.task:
         measure(args.task, args.seeds, args.out)
