@@ -161,6 +161,7 @@ def digits_and_noise(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return real, fake
 
 
+@pytest.mark.slow  # keeps `make test` inside its 10 minutes; `make test-all` runs it
 def test_kid_and_precision_recall_agree_with_torch_fidelity_on_the_same_folders(inception_weights, tmp_path) -> None:
     import torch_fidelity
 

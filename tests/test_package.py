@@ -126,6 +126,7 @@ def test_a_config_dir_on_the_search_path_adds_a_data_option_that_trains(tmp_path
     assert "my_checkerboard" in line and "moons" in line
 
 
+@pytest.mark.slow  # keeps `make test` inside its 10 minutes; `make test-all` runs it
 def test_an_optuna_study_on_sqlite_resumes(tmp_path: Path) -> None:
     optuna = pytest.importorskip("optuna")
     storage = f"sqlite:///{tmp_path / 'study.db'}"

@@ -317,6 +317,7 @@ def test_an_exploded_model_stops_at_the_cap_with_its_checkpoint_and_metrics(tmp_
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 300
 
 
+@pytest.mark.slow  # keeps `make test` inside its 10 minutes; `make test-all` runs it
 def test_wandb_disabled_writes_no_run_and_a_rejected_key_falls_back_to_offline(tmp_path: Path) -> None:
     short = ["trainer.max_steps=20", "data.num_eval_samples=100", "eval.num_draws=1", "eval.nll_samples=0",
              "callbacks.sample_logger=null"]  # fmt: skip
