@@ -150,6 +150,7 @@ def test_nfe_sweep_writes_quality_against_exact_nfe(runs, tmp_path: Path) -> Non
     assert (out / "nfe_sweep.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # keeps `make test` inside its 10 minutes; `make test-all` runs it
 def test_evaluate_errors_are_one_line(tmp_path: Path) -> None:
     garbage = tmp_path / "broken.ckpt"
     garbage.write_bytes(b"not a checkpoint")

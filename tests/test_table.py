@@ -139,6 +139,7 @@ def test_every_table_sweep_runs_into_its_own_cells_and_covers_every_published_nu
     assert covered == {(r, c) for r in table.row_order for c in table.column_order} - empty
 
 
+@pytest.mark.slow  # keeps `make test` inside its 10 minutes; `make test-all` runs it
 def test_concurrent_sweeps_run_every_job_with_split_threads_and_a_rerun_adds_only_missing_jobs(
     tmp_path: Path,
 ) -> None:
