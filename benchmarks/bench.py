@@ -7,7 +7,11 @@ per-pair ratios beside it.
 Rows:
 - train step: `python -m fmlab.train`'s training loop (Lightning, FlowModule, every callback of the default job,
   CSV logging) against a hand-written PyTorch loop with the same net, data stream, optimiser, LR schedule and EMA.
-- minibatch OT: the same comparison for `method=otcfm` (exact OT pairing each step on both sides).
+- minibatch OT: the same comparison for `method=otcfm` (exact OT pairing each step on both sides; fmlab's runs in
+  its loader worker, the bare loop's on its own thread).
+- TorchCFM: TorchCFM's published 2D tutorial loop (PyPI torchcfm 1.0.7, `make bench` installs it) against fmlab's
+  equivalent run (`method=otcfm|icfm data.source=8gaussians net.width=64`, batch 256), for OT-CFM and I-CFM; and
+  fmlab's OT-CFM step over its I-CFM step, from those two rows.
 - U-Net: the same comparison for FM-OT on 8×8 digits with `net=unet_small` (1/20 of the steps: each costs more).
 - sampler: `fmlab.sampling.sample` (the Evaluator's path: objective → velocity, NFE count, t-range guard) against
   a bare `torchdiffeq.odeint` call on the same net, source batch, method and tolerance.
@@ -122,15 +126,60 @@ def paired_row(name: str, ours: list[float], bare: list[float], per: int) -> dic
     }
 
 
-def compare(name: str, overrides: list[str], steps: int, warmup: int, chunk: int) -> dict[str, Any]:
-    """fmlab's training loop as `python -m fmlab.train` runs it against the bare loop, interleaved chunk by chunk in
-    one process. The Evaluator and SampleLogger are swapped for no-op callbacks: Lightning still dispatches every
-    per-step hook to as many callbacks as in a real run, but the end-of-fit evaluation, which is not a step cost,
-    is left out."""
+class TorchCFMLoop:
+    """TorchCFM's 2D tutorial loop as its repository publishes it (atong01/conditional-flow-matching, README and
+    examples/2D_tutorials/Flow_matching_tutorial.ipynb, torchcfm 1.0.7): `MLP(dim=2, w=64, time_varying=True)`,
+    Adam with its defaults, batches of 256 from `sample_8gaussians` and `sample_moons`, and
+    `ExactOptimalTransportConditionalFlowMatcher(sigma=0.1)` (OT-CFM) or `ConditionalFlowMatcher(sigma=0.1)`
+    (I-CFM); the loss is the mean squared error of v(x_t, t) against u_t. The same `run(steps)` as `BareLoop`."""
+
+    def __init__(self, exact_ot: bool, seed: int = 0, batch_size: int = 256, width: int = 64) -> None:
+        from torchcfm.conditional_flow_matching import (
+            ConditionalFlowMatcher,
+            ExactOptimalTransportConditionalFlowMatcher,
+        )
+        from torchcfm.models.models import MLP
+        from torchcfm.utils import sample_8gaussians, sample_moons
+
+        torch.manual_seed(seed)
+        self.model = MLP(dim=2, w=width, time_varying=True)
+        self.optimizer = torch.optim.Adam(self.model.parameters())
+        matcher = ExactOptimalTransportConditionalFlowMatcher if exact_ot else ConditionalFlowMatcher
+        self.matcher = matcher(sigma=0.1)
+        self.source, self.target, self.batch_size = sample_8gaussians, sample_moons, batch_size
+        self.steps_done = 0
+
+    def run(self, steps: int) -> float:
+        """Seconds taken by `steps` training steps."""
+        started = time.perf_counter()
+        for _ in range(steps):
+            self.optimizer.zero_grad()
+            x0, x1 = self.source(self.batch_size), self.target(self.batch_size)
+            t, x_t, u_t = self.matcher.sample_location_and_conditional_flow(x0, x1)
+            loss = torch.mean((self.model(torch.cat([x_t, t[:, None]], dim=-1)) - u_t) ** 2)
+            loss.backward()
+            self.optimizer.step()
+        self.steps_done += steps
+        return time.perf_counter() - started
+
+
+# fmlab's run equivalent to TorchCFM's tutorial loop (batch 256 and Adam's defaults are fmlab's 2D defaults too)
+TUTORIAL_OVERRIDES = ["data.source=8gaussians", "net.width=64"]
+
+
+def compare(
+    name: str, overrides: list[str], steps: int, warmup: int, chunk: int, bare: BareLoop | TorchCFMLoop | None = None
+) -> dict[str, Any]:
+    """fmlab's training loop as `python -m fmlab.train` runs it against the bare loop (or `bare`, another loop with
+    its `run(steps)`), interleaved chunk by chunk in one process. The Evaluator and SampleLogger are swapped for
+    no-op callbacks: Lightning still dispatches every per-step hook to as many callbacks as in a real run, but the
+    end-of-fit evaluation, which is not a step cost, is left out. fmlab's loader workers keep running during the
+    other side's chunk, so each fmlab chunk starts with up to 2 batches per worker made ahead (DataLoader's
+    prefetch): at most 2 of its `chunk` steps' coupling, as in any run where the step is the slower side."""
     from fmlab.callbacks import PeriodicEvaluation, SampleLogger, build_callbacks
     from fmlab.module import FlowModule
 
-    bare = BareLoop(overrides)
+    bare = bare if bare is not None else BareLoop(overrides)
     with TemporaryDirectory() as tmp:
         cfg = compose_train_config([*overrides, "logger=csv", f"trainer.max_steps={steps}"], Path(tmp))
         L.seed_everything(cfg.seed, verbose=False)
@@ -145,7 +194,9 @@ def compare(name: str, overrides: list[str], steps: int, warmup: int, chunk: int
             logger=instantiate_each(cfg.logger),
             enable_progress_bar=True,
         )
-        trainer.fit(FlowModule.from_config(cfg), datamodule=instantiate(cfg.data))
+        datamodule = instantiate(cfg.data)
+        datamodule.couple_with(instantiate(cfg.coupling))
+        trainer.fit(FlowModule.from_config(cfg), datamodule=datamodule)
     row = paired_row(name, interleaved.ours, interleaved.bare_seconds, chunk)
     row["bare_steps"], row["fmlab_steps"] = bare.steps_done, trainer.global_step
     row["callbacks"] = len(trainer.callbacks)
@@ -293,37 +344,69 @@ def evaluation_throughput(data: str, num_samples: int, nll_samples: int) -> dict
     }
 
 
+def torchcfm_rows(steps: int, warmup: int, chunk: int) -> list[dict[str, Any]]:
+    """fmlab against TorchCFM's tutorial loop for OT-CFM and I-CFM; none when torchcfm is not installed."""
+    try:
+        import torchcfm  # noqa: F401
+    except ImportError:
+        print("bench: torchcfm is not installed (make bench installs it), so the TorchCFM rows are skipped")
+        return []
+    rows = []
+    for method, exact_ot in (("otcfm", True), ("icfm", False)):
+        name = f"train step, {'OT-CFM' if exact_ot else 'I-CFM'} tutorial job vs TorchCFM"
+        loop = TorchCFMLoop(exact_ot)
+        rows.append(compare(name, [f"method={method}", *TUTORIAL_OVERRIDES], steps, warmup, chunk, bare=loop))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6000, help="training steps per 2D row (U-Net: 1/20)")
     parser.add_argument("--warmup", type=int, default=200, help="steps before the first timed chunk")
     parser.add_argument("--chunk", type=int, default=100, help="steps per timed chunk of each side (U-Net: 1/20)")
+    parser.add_argument("--only", choices=["torchcfm"], help="run only these rows (torchcfm: the TorchCFM ones)")
     args = parser.parse_args()
     from fmlab.utils.console import quiet_third_party_output
 
     quiet_third_party_output()  # as the entry points: no tips or third-party deprecations between the rows
     small = max(args.chunk // 20, 1)
-    rows = [
-        compare("train step, FM-OT 2D MLP (default job)", [], args.steps, args.warmup, args.chunk),
-        compare(
-            "train step, OT-CFM 2D MLP (exact minibatch OT)", ["method=otcfm"], args.steps // 3, args.warmup, small * 5
-        ),
-        compare(
-            "train step, FM-OT digits unet_small",
-            ["data=digits", "net=unet_small"],
-            args.steps // 20,
-            max(args.warmup // 20, small),
-            small,
-        ),
-        sampler_row(num_samples=2000, repeats=40),
-    ]
+    rows = []
+    if args.only is None:
+        rows = [
+            compare("train step, FM-OT 2D MLP (default job)", [], args.steps, args.warmup, args.chunk),
+            compare(
+                "train step, OT-CFM 2D MLP (exact minibatch OT)",
+                ["method=otcfm"],
+                args.steps // 3,
+                args.warmup,
+                small * 5,
+            ),
+            compare(
+                "train step, FM-OT digits unet_small",
+                ["data=digits", "net=unet_small"],
+                args.steps // 20,
+                max(args.warmup // 20, small),
+                small,
+            ),
+            sampler_row(num_samples=2000, repeats=40),
+        ]
+    tutorial = torchcfm_rows(args.steps // 2, args.warmup, args.chunk)
+    rows += tutorial
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    header = f"{'measurement (mean of paired runs)':52s} {'fmlab ms':>9s} {'bare ms':>8s} {'ratio':>6s}"
-    print(f"{header}  quartiles of the pairs' ratios")
+    header = f"{'measurement (mean of paired runs)':52s} {'fmlab ms':>9s} {'other ms':>8s} {'ratio':>6s}"
+    print(f"{header}  quartiles of the pairs' ratios (other: the bare loop, or TorchCFM's where named)")
     for row in rows:
         print(f"{row['name']:52s} {row['fmlab_ms']:9.3f} {row['bare_ms']:8.3f} {row['ratio']:6.2f}  {row['spread']}")
+    if tutorial:
+        ot_row, independent_row = tutorial
+        print(
+            "  fmlab OT-CFM step / fmlab I-CFM step on the tutorial job (the two rows above): "
+            f"{ot_row['fmlab_ms'] / independent_row['fmlab_ms']:.2f}"
+        )
+    if args.only is not None:
+        return
     overhead = loop_overhead(steps=args.steps // 2, warmup=args.warmup, callbacks=10, repeats=3)
-    default = rows[0]
+    default = rows[0]  # the default job's row
     print("\nLightning's own cost per step, from an empty step (one scalar parameter, SGD), median of 3 runs:")
     print(
         f"  bare loop {overhead['bare_ms']:.3f} ms; Trainer.fit {overhead['empty_ms']:.3f} ms with no callbacks and "

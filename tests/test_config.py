@@ -82,9 +82,10 @@ def test_method_presets_set_their_components(train_config) -> None:
         "sbcfm": ("Linear", "bridge", "MinibatchOTCoupling"),
     }
     for method, (schedule, smoothing, coupling) in expected.items():
-        module = FlowModule.from_config(train_config(f"method={method}"))
+        cfg = train_config(f"method={method}")
+        module = FlowModule.from_config(cfg)
         assert type(module.path.schedule).__name__ == schedule, method
-        assert module.path.smoothing == smoothing and type(module.coupling).__name__ == coupling, method
+        assert module.path.smoothing == smoothing and type(instantiate(cfg.coupling)).__name__ == coupling, method
 
 
 def test_command_line_group_choices_override_the_method_preset(train_config) -> None:

@@ -11,6 +11,7 @@ from fmlab.data.images import (
     CIFAR10DataModule,
     DigitsDataModule,
     DownsampledImageNetDataModule,
+    ImageStream,
     MNISTDataModule,
     dequantize,
     quantize,
@@ -52,8 +53,8 @@ def test_training_batches_are_dequantised_into_minus_one_one_and_flips_mirror(tm
     assert x0.shape == x1.shape == (20, 3, 32, 32) and x1.min() >= -1 and x1.max() < 1
     # the dequantised value stays in its level's bin: quantize inverts dequantize
     assert torch.equal(quantize(x1, 256).sort(0).values, data.train_levels.sort(0).values)
-    flipped = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=20, flip=True)
-    batch = torch.stack([flipped._collate([(level,)])[1][0] for level in data.train_levels[:1].repeat(64, 1, 1, 1)])
+    one_image = ImageStream(data.train_levels[:1].repeat(64, 1, 1, 1), None, 256, flip=True, batch_size=64, seed=0)
+    batch = one_image.batch(0)[1]
     scaled = (batch + 1) * 128  # level + uniform noise
 
     def matches(levels: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,42 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_like_an_unbroken_on
     assert loss_rows(run_dir) == loss_rows(unbroken)
 
 
+# OT-CFM with pairs drawn from the plan: the coupling's random draws run in the loader workers
+OT_RUN = [
+    "method=otcfm",
+    "coupling.draw_from_plan=true",
+    "trainer.max_steps=300",
+    "data.batches_per_epoch=100",
+    "data.num_eval_samples=300",
+    "eval.num_draws=1",
+    "eval.nll_samples=0",
+    "trainer.deterministic=true",
+    "logger=csv",
+]
+
+
+def test_a_run_with_loader_workers_resumed_mid_epoch_ends_like_an_unbroken_run_without_workers(
+    tmp_path: Path,
+) -> None:
+    unbroken, run_dir = tmp_path / "unbroken", tmp_path / "run"
+    result = run_cli("fmlab.train", *OT_RUN, "data.num_workers=0", f"hydra.run.dir={unbroken}", cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = run_cli(
+        "fmlab.train", *OT_RUN, "data.num_workers=2", f"hydra.run.dir={run_dir}",
+        "+callbacks.signal={_target_: tests.signals.SignalAt, step: 150, when: batch_end}",
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert killed.returncode == 143, killed.stderr[-3000:]
+    resumed = run_cli("fmlab.train", f"ckpt_path={run_dir}", cwd=REPO_ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ours, reference = metrics_of(run_dir), metrics_of(unbroken)
+    assert ours["steps"] == reference["steps"] == 300
+    assert "draw_from_plan=True" in ours["coupling"]
+    for key in ("w2", "mmd", "nfe"):
+        assert ours[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-12), key
+    assert loss_rows(run_dir) == loss_rows(unbroken)
+
+
 def loss_rows(run_dir: Path) -> list[tuple[int, str]]:
     with (run_dir / "csv" / "metrics.csv").open() as handle:
         return [(int(r["step"]), r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")]

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from fmlab.errors import UserError
 from fmlab.objectives import Objective
-from fmlab.paths.couplings import IndependentCoupling
 from fmlab.paths.path import AffinePath
 from fmlab.paths.time_samplers import TimeSampler, UniformTime
 from fmlab.sampling import VelocityField
@@ -41,10 +40,11 @@ def net_parameters(net: nn.Module) -> int:
 
 
 class FlowModule(L.LightningModule):
-    """net + path + objective + coupling. One training step:
+    """net + path + objective. One training step:
 
-    (x0, x1) ~ coupling(batch), t ~ time_sampler (uniform on [t_min, t_max] by default), loss = objective(net,
-    path, t, x0, x1), e.g. for FM
+    (x0, x1) a batch, already coupled by the datamodule (the run's `coupling` reads only the batch, so it runs in
+    the data pipeline, ahead of the step), t ~ time_sampler (uniform on [t_min, t_max] by default),
+    loss = objective(net, path, t, x0, x1), e.g. for FM
     E ‖v_θ(t, α_t x1 + σ_t x0) − (α̇_t x1 + σ̇_t x0)‖² (seed 001, §3.2).
 
     Class-conditional batches (x0, x1, y) train v_θ(t, x, y'), where y' is y replaced by the null class ∅ with
@@ -56,7 +56,6 @@ class FlowModule(L.LightningModule):
         net: nn.Module,
         path: AffinePath,
         objective: Objective,
-        coupling: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
         time_sampler: TimeSampler | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -67,7 +66,6 @@ class FlowModule(L.LightningModule):
         self.net = net
         self.path = path
         self.objective = objective
-        self.coupling = coupling or IndependentCoupling()
         self.time_sampler = time_sampler or UniformTime()
         self.optimizer_factory = optimizer or torch.optim.Adam
         self.scheduler_factory = scheduler
@@ -81,7 +79,7 @@ class FlowModule(L.LightningModule):
     @classmethod
     def from_config(cls, cfg: DictConfig) -> FlowModule:
         """The system a run's config describes: `net` (with the `performance` switches), `path`, `objective`,
-        `coupling`, `optimizer`, `scheduler`."""
+        `time_sampler`, `optimizer`, `scheduler` (the `coupling` goes to the datamodule)."""
         from hydra.utils import instantiate
 
         from fmlab.utils.performance import configure_throughput
@@ -91,7 +89,6 @@ class FlowModule(L.LightningModule):
             net=net,
             path=instantiate(cfg.path),
             objective=instantiate(cfg.objective),
-            coupling=instantiate(cfg.coupling),
             time_sampler=instantiate(cfg.time_sampler) if cfg.get("time_sampler") else None,
             optimizer=instantiate(cfg.optimizer),
             scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
@@ -107,18 +104,19 @@ class FlowModule(L.LightningModule):
         return VelocityField(net if net is not None else self.net, self.objective, self.path)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        loss = self._loss(*self.coupling(*batch), drop_labels=True)
+        loss = self._loss(*batch, drop_labels=True)
         self._log_running_loss(loss)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         """The training loss on a validation batch (datamodules with a val split), logged as `val/loss`: what a
-        best-val-loss checkpoint monitors. Its random draws (t, noise, a Sinkhorn plan's pairs) are fixed per batch,
-        so successive validations differ only by the weights; the training streams are left as they were."""
+        best-val-loss checkpoint monitors. Its random draws (t, noise) are fixed per batch, and the datamodule couples
+        the validation pairs once, so successive validations differ only by the weights; the training streams are
+        left as they were."""
         devices = [batch[1].device] if batch[1].device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(VALIDATION_SEED + batch_idx)
-            loss = self._loss(*self.coupling(*batch))
+            loss = self._loss(*batch)
         self.log("val/loss", loss, on_epoch=True, batch_size=batch[1].shape[0], sync_dist=True)
         return loss
 

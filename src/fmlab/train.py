@@ -164,7 +164,12 @@ def preflight(cfg: DictConfig, args: list[str]) -> None:
 
 
 def run_metrics(
-    cfg: DictConfig, trainer: L.Trainer, module: FlowModule, callbacks: list[Callback], evaluation: dict[str, Any]
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: FlowModule,
+    datamodule: Any,
+    callbacks: list[Callback],
+    evaluation: dict[str, Any],
 ) -> dict[str, Any]:
     """What metrics.json records: the evaluation, the cost of training, and what was run."""
     import torch
@@ -183,7 +188,7 @@ def run_metrics(
         "config_digest": config_digest(cfg),
         "path": repr(module.path),
         "objective": repr(module.objective),
-        "coupling": repr(module.coupling),
+        "coupling": repr(datamodule.coupling),
         "net_parameters": net_parameters(module.net),
         "fmlab_version": __version__,
         "torch_version": torch.__version__,
@@ -263,16 +268,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = FlowModule.from_config(cfg)
+    coupling = instantiate(cfg.coupling)
     source = datamodule.source
     if module.objective.needs_gaussian_source and source != "gaussian":
         raise UserError(
             f"data.source={source} cannot be used with method={cfg.method.name}: its objective "
             f"({module.objective!r}) assumes a N(0, I) source; use data.source=gaussian or a velocity objective"
         )
-    if isinstance(module.coupling, ReflowCoupling):  # training batches: the teacher's pairs; evaluation: the data
-        datamodule = ReflowDataModule(datamodule, module.coupling, cfg.data.batch_size, cfg.seed)
-        if cfg.ckpt_path is None and module.coupling.init_from_teacher:
-            init_student(module.net, module.coupling)
+    if isinstance(coupling, ReflowCoupling):  # training batches: the teacher's pairs; evaluation: the data
+        datamodule = ReflowDataModule(datamodule, coupling, cfg.data.batch_size, cfg.seed)
+        if cfg.ckpt_path is None and coupling.init_from_teacher:
+            init_student(module.net, coupling)
+    else:  # the coupling runs where the batches are made (loader workers with data.num_workers)
+        datamodule.couple_with(coupling)
     print(f"fmlab: net {type(module.net).__name__} with {net_parameters(module.net):,} parameters", flush=True)
     callbacks = build_callbacks(cfg)
     resume_step = 0
@@ -306,7 +314,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 evaluation = evaluator.final(trainer, module) if evaluator is not None else {}
                 evaluation.update(chosen)
         except SolverError as failure:
-            metrics = run_metrics(cfg, trainer, module, callbacks, {"eval_error": str(failure), "diverged": True})
+            failed = {"eval_error": str(failure), "diverged": True}
+            metrics = run_metrics(cfg, trainer, module, datamodule, callbacks, failed)
             if trainer.is_global_zero:
                 write_metrics(output_dir, metrics)  # what was measured before the solver gave up
             if not _in_multirun():
@@ -314,7 +323,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             print(f"fmlab: warning: {failure}", flush=True)  # a sweep goes on; this job gets the worst value
             end_process_group()
             return metrics
-        metrics = run_metrics(cfg, trainer, module, callbacks, evaluation)
+        metrics = run_metrics(cfg, trainer, module, datamodule, callbacks, evaluation)
         metrics.update(getattr(datamodule, "generation", {}))  # reflow: the pairs' cost
         metrics["wall_seconds"] = time.perf_counter() - started
         if trainer.is_global_zero:

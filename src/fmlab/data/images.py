@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
+from fmlab.data.toy2d import PairStream, PairStreamDataModule, loader_workers
 from fmlab.errors import UserError, first_detail
+from fmlab.paths.couplings import IndependentCoupling
 from fmlab.seeding import seeded_generator
 
 
@@ -35,9 +35,53 @@ def bin_centers(levels: Tensor, num_levels: int) -> Tensor:
     return dequantize(levels, num_levels, torch.full(levels.shape, 0.5))
 
 
-class ImageDataModule(L.LightningDataModule):
-    """Images as uint8 levels (N, C, H, W). Training batches are (x0, x1): x0 ~ N(0, I) and x1 the dequantised
-    images (fresh uniform noise every batch, random horizontal flips if `flip`).
+class ImageStream(PairStream):
+    """Batches of a finite image set, sharded over DDP ranks: epoch e is one permutation of the set seeded by
+    (seed, e), rank r of R takes its rows r, r + R, ... and cuts them into batches (the last partial batch dropped).
+    Batch i is x1 = the dequantised images (uniform noise, and a horizontal flip with probability ½ if `flip`) and
+    x0 ~ N(0, I), all drawn from a generator seeded by (seed, rank, i): a pure function of (seed, rank, i), as
+    every `PairStream` batch."""
+
+    def __init__(self, levels: Tensor, labels: Tensor | None, num_levels: int, flip: bool, batch_size: int,
+                 seed: int) -> None:  # fmt: skip
+        super().__init__(None, None, batch_size, len(levels) // batch_size, seed)  # type: ignore[arg-type]
+        self.levels, self.labels, self.num_levels, self.flip = levels, labels, num_levels, flip
+        self.world_size = 1
+        self._order: tuple[int, Tensor] | None = None  # (epoch, its permutation): one randperm per epoch
+
+    def shard(self, rank: int, world_size: int) -> None:
+        super().shard(rank, world_size)
+        self.world_size = world_size
+        self.batches_per_epoch = len(self.levels) // world_size // self.batch_size
+        if self.batches_per_epoch < 1:
+            raise UserError(
+                f"data.batch_size={self.batch_size} is more than the {len(self.levels) // world_size} training "
+                f"images each of {world_size} processes gets"
+            )
+
+    def epoch_order(self, epoch: int) -> Tensor:
+        if self._order is None or self._order[0] != epoch:
+            g = seeded_generator(self.seed, "order", epoch)
+            self._order = (epoch, torch.randperm(len(self.levels), generator=g))
+        return self._order[1]
+
+    def draw(self, index: int) -> tuple[Tensor, ...]:
+        epoch, position = divmod(index, self.batches_per_epoch)
+        mine = self.epoch_order(epoch)[self.rank :: self.world_size]
+        rows = mine[position * self.batch_size : (position + 1) * self.batch_size]
+        g = seeded_generator(self.seed, "train", self.rank, index)
+        levels = self.levels[rows]
+        x1 = dequantize(levels, self.num_levels, torch.rand(levels.shape, generator=g))
+        if self.flip:
+            flipped = torch.rand(len(x1), generator=g) < 0.5
+            x1[flipped] = x1[flipped].flip(-1)
+        x0 = torch.randn(x1.shape, generator=g)
+        return (x0, x1) if self.labels is None else (x0, x1, self.labels[rows])
+
+
+class ImageDataModule(PairStreamDataModule):
+    """Images as uint8 levels (N, C, H, W). Training batches are (x0, x1) from an `ImageStream`: x0 ~ N(0, I) and
+    x1 the dequantised images (fresh uniform noise every batch, random horizontal flips if `flip`).
 
     Subclasses set `name`, `num_levels`, `data_shape`, `fid_feature` and return (train, test) levels from `load()`;
     one that has labels stores them as `self.labels_found = (train labels, test labels)` while loading. With
@@ -57,7 +101,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_eval_samples: int = 2000,
         flip: bool = False,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         seed: int = 0,
         data_dir: str | None = None,
         shape: tuple[int, ...] | None = None,
@@ -75,6 +119,7 @@ class ImageDataModule(L.LightningDataModule):
             raise UserError(f"data.shape={list(shape)} is invalid for data={self.name}; it is {list(self.data_shape)}")
         self.batch_size, self.num_eval_samples, self.flip = batch_size, num_eval_samples, flip
         self.num_workers, self.seed = num_workers, seed
+        loader_workers(num_workers, IndependentCoupling())  # a bad value fails here, before any data is read
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
         self.labels_found: tuple[Tensor, Tensor] | None = None
         self.train_levels, self.test_levels = self.load()
@@ -90,31 +135,10 @@ class ImageDataModule(L.LightningDataModule):
                     f"data={self.name}: labels span {int(self.train_labels.min())}..{int(self.train_labels.max())}, "
                     f"outside the data.num_classes={self.num_classes} classes 0..{self.num_classes - 1}"
                 )
+        self._stream = ImageStream(self.train_levels, self.train_labels, self.num_levels, flip, batch_size, seed)
 
     def load(self) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
-
-    def _collate(self, items: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-        levels = torch.stack([item[0] for item in items])
-        x1 = dequantize(levels, self.num_levels, torch.rand(levels.shape))
-        if self.flip:
-            flipped = torch.rand(len(x1)) < 0.5
-            x1[flipped] = x1[flipped].flip(-1)
-        if self.train_labels is None:
-            return torch.randn_like(x1), x1
-        return torch.randn_like(x1), x1, torch.stack([item[1] for item in items])
-
-    def train_dataloader(self) -> DataLoader:
-        tensors = (self.train_levels,) if self.train_labels is None else (self.train_levels, self.train_labels)
-        return DataLoader(
-            TensorDataset(*tensors),
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            collate_fn=self._collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
 
     def held_out(self, n: int | None = None, index: int = 0, dequantization: int = 0) -> Tensor:
         """The first `n` test images (all of them at most), dequantised with noise fixed per (seed, index); further

@@ -42,7 +42,7 @@ class StoredPairStream(PairStream):
         self.x0, self.x1 = x0, x1
         self.batches_per_epoch = len(x0) // self.batch_size
 
-    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+    def draw(self, index: int) -> tuple[Tensor, Tensor]:
         assert self.x0 is not None and self.x1 is not None, "setup() loads the pairs first"
         epoch, position = divmod(index, self.batches_per_epoch)
         order = torch.randperm(len(self.x0), generator=seeded_generator(self.seed, "reflow_train", self.rank, epoch))
@@ -71,16 +71,18 @@ def init_student(net: nn.Module, coupling: ReflowCoupling) -> None:
 
 
 class ReflowDataModule(PairStreamDataModule):
-    """Training batches from the reflow pairs of `coupling`; evaluation from `inner` (the run's own data)."""
+    """Training batches from the reflow pairs of `reflow` (the run's coupling, which passes them through);
+    evaluation from `inner` (the run's own data)."""
 
     is_image = False  # replaced per instance by the inner datamodule's
 
-    def __init__(self, inner: Any, coupling: ReflowCoupling, batch_size: int, seed: int, num_workers: int = 0):
+    def __init__(self, inner: Any, reflow: ReflowCoupling, batch_size: int, seed: int, num_workers: int = 0):
         super().__init__()
-        self.inner, self.coupling, self.num_workers = inner, coupling, num_workers
+        self.inner, self.reflow, self.num_workers = inner, reflow, num_workers
         self.is_image = bool(inner.is_image)
         self.batch_size = batch_size
         self._stream = StoredPairStream(batch_size, seed)
+        self._stream.coupling = reflow
         self.generation: dict[str, float] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -101,23 +103,23 @@ class ReflowDataModule(PairStreamDataModule):
         ranks = Ranks.of_trainer(self.trainer) if self.trainer is not None else Ranks()
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         started = time.perf_counter()
-        teacher = load_teacher(self.coupling)
+        teacher = load_teacher(self.reflow)
         teacher.module.to(device)
         teacher.net.to(device)
-        manifest = {"teacher": str(self.coupling.teacher), "teacher_step": teacher.step, "ema": self.coupling.use_ema}
+        manifest = {"teacher": str(self.reflow.teacher), "teacher_step": teacher.step, "ema": self.reflow.use_ema}
         made = generate_pairs(
             teacher.velocity_field(),
             self.inner,
-            self.coupling.solver,
-            self.coupling.num_pairs,
-            self.coupling.batch_size,
-            self.coupling.pairs_dir,
+            self.reflow.solver,
+            self.reflow.num_pairs,
+            self.reflow.batch_size,
+            self.reflow.pairs_dir,
             ranks,
             manifest,
         )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
-        x0, x1 = load_pairs(self.coupling.pairs_dir)
+        x0, x1 = load_pairs(self.reflow.pairs_dir)
         self._stream.set_pairs(x0, x1)
         self.batches_per_epoch = self._stream.batches_per_epoch
         self.generation = {

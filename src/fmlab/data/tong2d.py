@@ -21,8 +21,9 @@ from sklearn import datasets as sklearn_datasets
 from torch import Tensor
 from torch.utils.data import DataLoader, random_split
 
-from fmlab.data.toy2d import PairStream, PairStreamDataModule
+from fmlab.data.toy2d import PairStream, PairStreamDataModule, loader_workers
 from fmlab.errors import UserError, choices_error
+from fmlab.paths.couplings import Coupling, IndependentCoupling
 from fmlab.seeding import seeded_generator
 
 # the runner's split sizes and the seed of its random_split generator
@@ -133,7 +134,7 @@ class EpochStream(PairStream):
     def _epoch_order(self, role: str, epoch: int, size: int) -> Tensor:
         return torch.randperm(size, generator=seeded_generator(self.seed, f"train_{role}", self.rank, epoch))
 
-    def batch(self, index: int) -> tuple[Tensor, ...]:
+    def draw(self, index: int) -> tuple[Tensor, ...]:
         epoch, position = divmod(index, self.batches_per_epoch)
         rows = slice(position * self.batch_size, (position + 1) * self.batch_size)
         chosen = self._epoch_order("target", epoch, len(self.target_points))[rows]
@@ -159,7 +160,7 @@ class TongDataModule(PairStreamDataModule):
         batch_size: int = 512,
         num_eval_samples: int = 1000,
         data_seed: int = 42,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         seed: int = 0,
         shape: tuple[int, ...] = (2,),
         num_classes: int = 0,
@@ -180,6 +181,7 @@ class TongDataModule(PairStreamDataModule):
         self.target, self.source = target, source
         self.batch_size, self.num_eval_samples = batch_size, num_eval_samples
         self.data_seed, self.num_workers, self.seed = data_seed, num_workers, seed
+        loader_workers(num_workers, IndependentCoupling())  # a bad value fails here, not when training starts
         self.data_shape: tuple[int, ...] = (2,)
         self.train_split, self.val_split, self.test_split = self.splits(target)
         self.source_splits = self.splits(source) if source != "gaussian" else None
@@ -195,6 +197,7 @@ class TongDataModule(PairStreamDataModule):
             train_labels, self.val_labels, _ = split_dataset(labels)
         self.num_classes = NUM_CLASSES[target] if with_labels else 0
         self._stream = EpochStream(self.train_split, source_train, batch_size, seed, train_labels)
+        self._validation_pairs: tuple[Tensor, ...] | None = None
         self.batches_per_epoch = self._stream.batches_per_epoch
 
     def splits(self, name: str, index: int = 0) -> list[Tensor]:
@@ -203,15 +206,24 @@ class TongDataModule(PairStreamDataModule):
 
     def validation_pairs(self) -> tuple[Tensor, ...]:
         """(x0, x1): the whole val split, with a fixed N(0, I) draw (or the source's val split) beside it; with
-        labels, (x0, x1, labels)."""
+        labels, (x0, x1, labels). Coupled once, with a fixed generator, by the training batches' coupling: the pairs
+        read no weights, so every validation scores the same pairs."""
         x1 = self.val_split
         if self.source_splits is not None:
-            return self.source_splits[1], x1
-        x0 = torch.randn(x1.shape, generator=seeded_generator(self.seed, "val_source"))
-        return (x0, x1) if self.val_labels is None else (x0, x1, self.val_labels)
+            pairs: tuple[Tensor, ...] = (self.source_splits[1], x1)
+        else:
+            x0 = torch.randn(x1.shape, generator=seeded_generator(self.seed, "val_source"))
+            pairs = (x0, x1) if self.val_labels is None else (x0, x1, self.val_labels)
+        return self.coupling(*pairs, generator=seeded_generator(self.seed, "val_coupling"))
+
+    def couple_with(self, coupling: Coupling | None) -> None:
+        super().couple_with(coupling)
+        self._validation_pairs = None  # coupled again by the new coupling
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader([self.validation_pairs()], batch_size=None)
+        if self._validation_pairs is None:
+            self._validation_pairs = self.validation_pairs()
+        return DataLoader([self._validation_pairs], batch_size=None)
 
     def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
         n = n or self.num_eval_samples

@@ -7,6 +7,7 @@ Definitions follow the papers' code so figures compare: `moons` and `8gaussians`
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from fmlab.errors import UserError, choices_error
+from fmlab.paths.couplings import Coupling, IndependentCoupling
 from fmlab.seeding import seeded_generator
 
 Sampler = Callable[[int, torch.Generator], Tensor]
@@ -159,13 +161,14 @@ def get_distribution(name: str, role: str = "data.target") -> Sampler:
 
 
 class PairStream(IterableDataset):
-    """An endless stream of (x0, x1) batches cut into epochs of `batches_per_epoch` batches.
+    """An endless stream of coupled (x0, x1) batches cut into epochs of `batches_per_epoch` batches.
 
-    Batch i (counted over the whole run) is drawn from its own generator seeded by (seed, rank, i), so each DDP rank
-    draws its own data and a run resumed at step k draws exactly the batches k, k + 1, ... of an unbroken run: the
-    datamodule saves `next_index` in checkpoints. An epoch's iterator ends at the next multiple of
-    `batches_per_epoch`, so an epoch resumed half-way yields only its remaining batches. Loader workers take every
-    `num_workers`-th batch (exact resume then needs num_workers = 0, where the counter lives in this process).
+    Batch i (counted over the whole run) is drawn from its own generator seeded by (seed, rank, i) and coupled by
+    `coupling` with a generator seeded by (seed, "coupling", rank, i), so it is a pure function of (seed, rank, i):
+    each DDP rank draws its own data, loader workers (which take every `num_workers`-th batch, in order) change
+    nothing, and a run resumed at step k draws exactly the batches k, k + 1, ... of an unbroken run (the datamodule
+    saves the step in checkpoints). An epoch's iterator ends at the next multiple of `batches_per_epoch`, so an
+    epoch resumed half-way yields only its remaining batches.
     A `target` that returns (points, labels) (a `LabelledSampler`) makes the batches (x0, x1, labels).
     """
 
@@ -173,16 +176,26 @@ class PairStream(IterableDataset):
                  seed: int) -> None:  # fmt: skip
         self.source, self.target = source, target
         self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
+        self.coupling: Coupling = IndependentCoupling()
         self.rank = 0
         self.next_index = 0
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def batch(self, index: int) -> tuple[Tensor, ...]:
+    def shard(self, rank: int, world_size: int) -> None:
+        """Make the batches of DDP rank `rank` of `world_size`."""
+        self.rank = rank
+
+    def draw(self, index: int) -> tuple[Tensor, ...]:
+        """Batch `index` as sampled, before the coupling."""
         g = seeded_generator(self.seed, "train", self.rank, index)
         x0, target = self.source(self.batch_size, g), self.target(self.batch_size, g)
         return (x0, *target) if isinstance(target, tuple) else (x0, target)
+
+    def batch(self, index: int) -> tuple[Tensor, ...]:
+        """Batch `index` coupled: what the training step gets."""
+        return self.coupling(*self.draw(index), generator=seeded_generator(self.seed, "coupling", self.rank, index))
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         info = torch.utils.data.get_worker_info()
@@ -195,29 +208,55 @@ class PairStream(IterableDataset):
         self.next_index = end
 
 
+# loader workers "auto" starts at most, for a coupling that solves OT per batch: enough to keep up with a step that
+# costs a third of one OT solve (2D MLP steps ~2 ms, exact OT of 256 points ~5 ms)
+AUTO_OT_WORKERS = 4
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_workers(num_workers: int | str, coupling: Coupling) -> int:
+    """`data.num_workers`: a count, or "auto": for a coupling that solves a problem per batch (minibatch OT), one
+    worker per spare CPU up to `AUTO_OT_WORKERS`, so the OT runs beside the training step on the other cores; none
+    otherwise (a worker costs more in inter-process copies than it saves on a 2D batch draw)."""
+    if num_workers == "auto":
+        return min(AUTO_OT_WORKERS, available_cpus() - 1) if coupling.solves_per_batch else 0
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise UserError(f"data.num_workers={num_workers!r} is invalid; it must be auto or a whole number >= 0")
+    return num_workers
+
+
 class PairStreamDataModule(L.LightningDataModule):
-    """A datamodule whose training batches come from a `PairStream` (`self._stream`): its loader, and the stream
-    position saved in checkpoints for exact resume."""
+    """A datamodule whose training batches come from a `PairStream` (`self._stream`), coupled by `coupling` as they
+    are made: its loader (`loader_workers` processes ahead of the step), and the stream position saved in
+    checkpoints for exact resume."""
 
     is_image = False
     target: str
     source: str
-    num_workers: int
+    num_workers: int | str
     _stream: PairStream
 
     @property
     def name(self) -> str:
         return self.target if self.source == "gaussian" else f"{self.source}-{self.target}"
 
+    @property
+    def coupling(self) -> Coupling:
+        return self._stream.coupling
+
+    def couple_with(self, coupling: Coupling | None) -> None:
+        """Couple every training batch with `coupling` (the run's `coupling` group) as it is made."""
+        self._stream.coupling = coupling or IndependentCoupling()
+
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:
-            self._stream.rank = self.trainer.global_rank
-        return DataLoader(
-            self._stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+            self._stream.shard(self.trainer.global_rank, self.trainer.world_size)
+        workers = loader_workers(self.num_workers, self._stream.coupling)
+        return DataLoader(self._stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
     def state_dict(self) -> dict[str, int]:
         """Saved in checkpoints: the first batch not yet trained on (one batch per optimiser step)."""
@@ -238,7 +277,7 @@ class Toy2DDataModule(PairStreamDataModule):
         batch_size: int = 256,
         batches_per_epoch: int = 1000,
         num_eval_samples: int = 2000,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         seed: int = 0,
         shape: tuple[int, ...] = (2,),
         num_classes: int = 0,
@@ -260,6 +299,7 @@ class Toy2DDataModule(PairStreamDataModule):
         self.target, self.source = target, source
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.num_eval_samples, self.num_workers, self.seed = num_eval_samples, num_workers, seed
+        loader_workers(num_workers, IndependentCoupling())  # a bad value fails here, not when training starts
         self.data_shape: tuple[int, ...] = (2,)
         self._stream = PairStream(self.source_sampler, training_target, batch_size, batches_per_epoch, seed)
 

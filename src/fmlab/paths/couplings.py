@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import ot
@@ -21,11 +21,32 @@ SINKHORN_MARGINAL_TOLERANCE = 1e-3
 Pairs = tuple[Tensor, ...]  # (x0, x1), or (x0, x1, labels of x1) for class-conditional batches
 
 
-class IndependentCoupling:
-    """q(x0, x1) = p0(x0) q1(x1): the batch as sampled."""
+class Coupling(Protocol):
+    """What the datamodule calls on each batch (x0, x1[, labels]): the same batch re-paired."""
 
-    def __call__(self, x0: Tensor, x1: Tensor, labels: Tensor | None = None) -> Pairs:
+    @property
+    def solves_per_batch(self) -> bool: ...
+
+    def __call__(self, x0: Tensor, x1: Tensor, labels: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Pairs: ...  # fmt: skip
+
+
+class IndependentCoupling:
+    """q(x0, x1) = p0(x0) q1(x1): the batch as sampled.
+
+    Couplings read only the batch, never the model, so the datamodule applies them as it makes each batch (in its
+    loader workers, ahead of the training step); `generator` seeds any random draw, so a coupled batch is a pure
+    function of the batch and the generator's seed.
+    """
+
+    def __call__(self, x0: Tensor, x1: Tensor, labels: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Pairs:  # fmt: skip
         return (x0, x1) if labels is None else (x0, x1, labels)
+
+    @property
+    def solves_per_batch(self) -> bool:
+        """Whether coupling a batch solves a problem (then a loader worker is worth its start-up)."""
+        return False
 
     def __repr__(self) -> str:
         return "IndependentCoupling()"
@@ -58,6 +79,10 @@ class MinibatchOTCoupling:
         self.method, self.reg, self.draw_from_plan = method, float(reg), bool(draw_from_plan)
         self.per_class = bool(per_class)
 
+    @property
+    def solves_per_batch(self) -> bool:
+        return True
+
     def plan(self, x0: Tensor, x1: Tensor) -> np.ndarray:
         """The OT plan π between the two batches' empirical measures (uniform weights)."""
         cost = squared_distance_matrix(x0.detach(), x1.detach()).double().cpu().numpy()
@@ -75,31 +100,33 @@ class MinibatchOTCoupling:
                 return plan
             return ot.sinkhorn(a, b, cost, self.reg, method="sinkhorn_log", numItermax=1000)
 
-    def pair_indices(self, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
-        """Row indices (i, j): the coupled batch is (x0[i], x1[j])."""
+    def pair_indices(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Row indices (i, j): the coupled batch is (x0[i], x1[j]); pairs drawn from a plan use `generator`."""
         pi = self.plan(x0, x1)
         if self.method == "exact" and x0.shape[0] == x1.shape[0] and not self.draw_from_plan:
             return torch.arange(x0.shape[0]), torch.from_numpy(pi.argmax(axis=1))
         probs = torch.from_numpy(pi.ravel()).clamp_min(0)
-        pairs = torch.multinomial(probs / probs.sum(), x0.shape[0], replacement=True)
+        pairs = torch.multinomial(probs / probs.sum(), x0.shape[0], replacement=True, generator=generator)
         return pairs // pi.shape[1], pairs % pi.shape[1]
 
-    def __call__(self, x0: Tensor, x1: Tensor, labels: Tensor | None = None) -> Pairs:
+    def __call__(self, x0: Tensor, x1: Tensor, labels: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Pairs:  # fmt: skip
         if labels is not None and self.per_class:
-            i, j = self._per_class_indices(x0, x1, labels)
+            i, j = self._per_class_indices(x0, x1, labels, generator)
         else:
-            i, j = self.pair_indices(x0, x1)
+            i, j = self.pair_indices(x0, x1, generator)
         i, j = i.to(x0.device), j.to(x1.device)
         return (x0[i], x1[j]) if labels is None else (x0[i], x1[j], labels[j])
 
-    def _per_class_indices(self, x0: Tensor, x1: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _per_class_indices(self, x0: Tensor, x1: Tensor, labels: Tensor,
+                           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
         """One OT problem per class among the rows of that class (x0 rows at the same positions)."""
         if x0.shape[0] != x1.shape[0]:
             raise UserError(f"coupling.per_class=true needs equal batches; got {x0.shape[0]} and {x1.shape[0]}")
         i_all, j_all = [], []
         for label in torch.unique(labels):
             rows = torch.nonzero(labels == label).flatten().cpu()
-            i, j = self.pair_indices(x0[rows.to(x0.device)], x1[rows.to(x1.device)])
+            i, j = self.pair_indices(x0[rows.to(x0.device)], x1[rows.to(x1.device)], generator)
             i_all.append(rows[i])
             j_all.append(rows[j])
         return torch.cat(i_all), torch.cat(j_all)
