@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -36,7 +37,12 @@ format: $(STAMP)  ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix src tests
 	$(BIN)/ruff format src tests
 
-bench: $(STAMP)  ## Benchmark: ratios against bare PyTorch / torchdiffeq loops, measured side by side
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python benchmarks/bench_requirements.py > $(VENV)/bench-requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r $(VENV)/bench-requirements.txt  # why --no-deps: pyproject.toml
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)  ## Benchmark: ratios against bare PyTorch / torchdiffeq loops and TorchCFM, side by side
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 clean:  ## Remove caches (keeps .venv and outputs/)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from benchmarks.bench import TimedBatches, compare, scalar_step_seconds
 
 
@@ -28,3 +29,20 @@ def test_timing_an_unfinished_loop_is_refused() -> None:
             break
     with pytest.raises(RuntimeError, match="fetched 1 of the 2 timed batches"):
         batches.seconds_per_step()
+
+
+def test_torchcfm_row_pairs_fmlab_with_torchcfm_s_tutorial_loop_which_learns() -> None:
+    pytest.importorskip("torchcfm", reason="the bench extra (make bench installs it)")
+    from benchmarks.bench import TUTORIAL_OVERRIDES, TorchCFMLoop
+
+    loop = TorchCFMLoop(exact_ot=True, seed=0)
+    row = compare("OT-CFM vs TorchCFM", ["method=otcfm", *TUTORIAL_OVERRIDES], steps=60, warmup=20, chunk=10, bare=loop)
+    assert row["spread"].endswith("over 4 pairs") and loop.steps_done == 20 + 4 * 10
+    x0, x1 = loop.source(512), loop.target(512)
+    t, x_t, u_t = loop.matcher.sample_location_and_conditional_flow(x0, x1)
+    with torch.no_grad():
+        before = (loop.model(torch.cat([x_t, t[:, None]], -1)) - u_t).pow(2).mean()
+    loop.run(300)
+    with torch.no_grad():
+        after = (loop.model(torch.cat([x_t, t[:, None]], -1)) - u_t).pow(2).mean()
+    assert after < 0.7 * before  # the loop trains: its CFM loss on a fixed batch falls

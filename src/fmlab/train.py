@@ -192,7 +192,9 @@ def run_metrics(
         "net_parameters": net_parameters(module.net),
         "fmlab_version": __version__,
         "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),  # train_seconds depends on it
+        # train_seconds depends on them: the training process's threads and the loader workers beside it
+        "torch_threads": getattr(datamodule, "training_threads", torch.get_num_threads()),
+        "loader_workers": getattr(datamodule, "loader_workers", 0),
     }
     loss = trainer.callback_metrics.get("train/loss")
     if loss is not None:
