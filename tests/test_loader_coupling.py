@@ -127,6 +127,7 @@ def test_auto_workers_run_ot_beside_the_step_and_bad_counts_fail_in_one_line(mon
     assert loader_workers("auto", MinibatchOTCoupling("sinkhorn")) == toy2d.AUTO_OT_WORKERS
     monkeypatch.setattr(toy2d, "available_cpus", lambda: 1)
     assert loader_workers("auto", MinibatchOTCoupling("exact")) == 0
+    assert loader_workers("auto", MinibatchOTCoupling("exact"), cpus=8) == 4  # a process's share of the CPUs
     assert loader_workers(3, IndependentCoupling()) == 3
     for bad in (-1, "many", 1.5, True):
         with pytest.raises(UserError, match=r"data.num_workers=.* must be auto or a whole number >= 0"):

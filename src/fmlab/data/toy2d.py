@@ -218,12 +218,14 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def loader_workers(num_workers: int | str, coupling: Coupling) -> int:
+def loader_workers(num_workers: int | str, coupling: Coupling, cpus: int | None = None) -> int:
     """`data.num_workers`: a count, or "auto": for a coupling that solves a problem per batch (minibatch OT), one
-    worker per spare CPU up to `AUTO_OT_WORKERS`, so the OT runs beside the training step on the other cores; none
-    otherwise (a worker costs more in inter-process copies than it saves on a 2D batch draw)."""
+    worker per spare CPU of the process's share (`cpus`, default all available) up to `AUTO_OT_WORKERS`, so the OT
+    runs beside the training step on the other cores; none otherwise (a worker costs more in inter-process copies
+    than it saves on a 2D batch draw)."""
     if num_workers == "auto":
-        return min(AUTO_OT_WORKERS, available_cpus() - 1) if coupling.solves_per_batch else 0
+        cpus = available_cpus() if cpus is None else cpus
+        return min(AUTO_OT_WORKERS, cpus - 1) if coupling.solves_per_batch else 0
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"data.num_workers={num_workers!r} is invalid; it must be auto or a whole number >= 0")
     return num_workers
@@ -253,19 +255,21 @@ class PairStreamDataModule(L.LightningDataModule):
         self._stream.coupling = coupling or IndependentCoupling()
 
     def train_dataloader(self) -> DataLoader:
+        cpus = available_cpus()
         if self.trainer is not None:
             self._stream.shard(self.trainer.global_rank, self.trainer.world_size)
-        workers = loader_workers(self.num_workers, self._stream.coupling)
+            cpus = max(1, cpus // max(1, self.trainer.num_devices))  # this node's processes share its CPUs
+        workers = loader_workers(self.num_workers, self._stream.coupling, cpus)
         if workers > 0:
-            self._leave_cpus_to_workers(workers)
+            self._leave_cpus_to_workers(workers, cpus)
         self.loader_workers, self.training_threads = workers, torch.get_num_threads()  # for metrics.json
         return DataLoader(self._stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
-    def _leave_cpus_to_workers(self, workers: int) -> None:
+    def _leave_cpus_to_workers(self, workers: int, cpus: int) -> None:
         """Cap this process's intra-op threads at the CPUs the loader workers leave free: torch's idle threads spin
         and would take the workers' cores (measured: exact-OT steps twice as slow on 2 CPUs with 2 threads beside one
         worker). `teardown` gives the threads back."""
-        spare = max(1, available_cpus() - workers)
+        spare = max(1, cpus - workers)
         if torch.get_num_threads() > spare:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(spare)
