@@ -146,6 +146,16 @@ class FlowModule(L.LightningModule):
             self._loss_sum = torch.zeros((), device=loss.device)
             self._loss_count = 0
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the running loss of the steps since the last logged one, so a run resumed between two logging steps
+        logs the same mean as an unbroken run."""
+        checkpoint["running_loss"] = {"sum": self._loss_sum.detach().cpu().clone(), "count": self._loss_count}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        running = checkpoint.get("running_loss")
+        if running is not None:
+            self._loss_sum, self._loss_count = running["sum"].clone(), int(running["count"])
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
