@@ -160,6 +160,7 @@ def test_metrics_json_only_grows(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left
 
 
+@pytest.mark.slow  # keeps make test inside its 10 minutes (19 s: a training run, a kill and a resume)
 def test_sigterm_during_the_final_evaluation_exits_143_and_the_resumed_run_evaluates(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # a long final evaluation (16 draws of 2,000 dopri5 samples); the run signals itself 1 s after training
