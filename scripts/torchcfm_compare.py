@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor, nn
 
@@ -97,17 +96,12 @@ def torchcfm_scoring_sets() -> tuple[Tensor, Tensor]:
     return source, sample_moons(SCORING_POINTS)
 
 
-def w2(x: Tensor, y: Tensor) -> float:
-    """sqrt(emd2) with squared Euclidean cost between two equal-weight point sets."""
-    cost = torch.cdist(x.double(), y.double()).pow(2).numpy()
-    return float(np.sqrt(ot.emd2(ot.unif(len(x)), ot.unif(len(y)), cost, numItermax=10_000_000)))
-
-
 def score(run_dir: Path, torchcfm_file: Path) -> dict[str, float]:
     """W2 of both models under fmlab's evaluation and against TorchCFM's own samplers."""
     from hydra.utils import instantiate
     from torchcfm.models.models import MLP
 
+    from fmlab.metrics.distances import wasserstein2
     from fmlab.runs import load_run
     from fmlab.sampling import VelocityField, sample
 
@@ -127,11 +121,13 @@ def score(run_dir: Path, torchcfm_file: Path) -> dict[str, float]:
         field.net.eval()
         with torch.no_grad():
             scores[f"{side}_w2_fmlab_eval"] = float(evaluator.evaluate(field, run.datamodule)["w2"])
-            scores[f"{side}_w2_torchcfm_data"] = w2(sample(field, source, solver).samples, target)
+            scores[f"{side}_w2_torchcfm_data"] = wasserstein2(sample(field, source, solver).samples, target)
     return scores
 
 
 def compare(seeds: list[int], steps: int, out: Path) -> None:
+    from fmlab.runs import write_atomically
+
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         for method in METHODS:
@@ -156,7 +152,7 @@ def compare(seeds: list[int], steps: int, out: Path) -> None:
                 "torchcfm_wall_seconds": torchcfm_wall,
                 **score(run_dir, torchcfm_file),
             }
-            result_file.write_text(json.dumps(result, indent=2) + "\n")
+            write_atomically(result_file, (json.dumps(result, indent=2) + "\n").encode())
             print(json.dumps(result), flush=True)
 
 
