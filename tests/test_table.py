@@ -57,6 +57,7 @@ def test_cells_are_mean_and_std_over_seeds_and_missing_cells_say_not_run(tmp_pat
     otcfm_row = next(line for line in markdown.splitlines() if line.startswith("| otcfm |"))
     assert otcfm_row.count("not run") == 4
     assert "| floor (held-out vs held-out) | 0.076 ± 0.001 |  | not run |" in markdown  # all five runs of the column
+    assert "(fixed sets)" not in markdown  # floors that differ between runs keep their spread
 
 
 def test_table_cli_reads_a_finished_sweep_and_writes_markdown_and_csv(tmp_path: Path) -> None:
@@ -106,7 +107,9 @@ def test_columns_can_join_fields_and_show_their_own_metrics(tmp_path: Path) -> N
     ot_cfm = next(line for line in lines if line.startswith("| OT-CFM |")).split(" | ")
     assert ot_cfm[3:5] == ["0.500 (n=1) (paper 0.601)", "0.100 (n=1)"]  # the paper's NPE is not transcribed
     assert next(line for line in lines if line.startswith("| FM |")).split(" | ")[3] == "0.600 (n=1)"
-    assert next(line for line in lines if line.startswith("| floor")).split(" | ")[3] == "1.500 ± 0.000 (n=2)"
+    # both runs measured the floor on the same fixed split: one value, not a "± 0.000" spread
+    assert next(line for line in lines if line.startswith("| floor")).split(" | ")[3] == "1.500 (fixed sets)"
+    assert any(line.startswith("A floor marked (fixed sets)") for line in lines)
     write_run(tmp_path, "c", method="ddpm", source="gaussian", data="digits", seed=0, fid=9.0, bpd=2.0, nfe=200)
     small = table_config("cpu_small")
     header = render_markdown(small, aggregate(collect_metrics(tmp_path), small.rows, small.columns)).splitlines()[2]

@@ -81,6 +81,15 @@ def format_cell(runs: list[dict], metric: str) -> str:
     return text if len(values) >= 3 else f"{text} (n={len(values)})"
 
 
+def format_floor(runs: list[dict]) -> str:
+    """The W2 floor of a column: mean ± std over its runs, or one value marked "(fixed sets)" when every run
+    measured it on the same held-out sets (a fixed split): a "± 0.000" there would read as a floor with no spread."""
+    values = [float(r["w2_floor"]) for r in runs if isinstance(r.get("w2_floor"), int | float)]
+    if len(values) > 1 and all(math.isfinite(v) for v in values) and len(set(values)) == 1:
+        return f"{values[0]:.3f} (fixed sets)"
+    return format_cell(runs, "w2_floor")
+
+
 def column_metrics(table: DictConfig, column: str) -> list[str]:
     """The metrics a column shows: `column_metrics[column]` where given (FID for images, W2 for points)."""
     return list((table.get("column_metrics") or {}).get(column, table.metrics))
@@ -108,11 +117,11 @@ def render_markdown(table: DictConfig, cells: dict[tuple[str, str], list[dict]])
             reference = reference_value(table, row, column, metric)
             entries.append(entry if reference is None else f"{entry} (paper {reference})")
         lines.append("| " + " | ".join([row_labels.get(row, row), *entries]) + " |")
+    floors: list[str] = []
     if any(m == "w2" for _, m in cell_keys):
-        floors = []
         for column, metric in cell_keys:
             runs = [r for (_, col), rs in cells.items() if col == column for r in rs]
-            floors.append(format_cell(runs, "w2_floor") if metric == "w2" else "")
+            floors.append(format_floor(runs) if metric == "w2" else "")
         lines.append("| floor (held-out vs held-out) | " + " | ".join(floors) + " |")
     runs = [r for rs in cells.values() for r in rs]
     seconds = sum(float(r.get("train_seconds", 0.0)) for r in runs)
@@ -123,6 +132,11 @@ def render_markdown(table: DictConfig, cells: dict[tuple[str, str], list[dict]])
     ]
     if table.get("reference"):
         lines.append(f"Published numbers in parentheses: {table.reference_source}.")
+    if any(f.endswith("(fixed sets)") for f in floors):
+        lines.append(
+            "A floor marked (fixed sets) is measured on the same held-out sets in every run: it does not vary over"
+            " runs (scripts/w2_floors.py measures its spread over draws)."
+        )
     return "\n".join(lines) + "\n"
 
 
