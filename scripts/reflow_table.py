@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from fmlab.runs import write_atomically
 
 # the teacher, and what every stage of a task shares (2D: TorchCFM's 8 Gaussians -> moons pair with I-CFM;
 # digits: experiment=digits_fm_ot); the students train on the linear path (FM-OT, sigma_min 1e-4), as Liu et al.
@@ -92,10 +95,11 @@ def measure(task_name: str, seeds: list[int], out: Path) -> None:
             row["train_seconds"] = metrics["train_seconds"] + metrics.get("pair_generation_seconds", 0.0)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    with (out / f"{task_name}.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(out / f"{task_name}.csv", handle.getvalue().encode())
 
 
 def render(out: Path) -> str:

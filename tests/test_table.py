@@ -71,6 +71,26 @@ def test_table_cli_reads_a_finished_sweep_and_writes_markdown_and_csv(tmp_path: 
     assert (tmp_path / "sweep" / "methods2d.md").read_text().strip() in result.stdout
 
 
+def test_a_table_csv_that_fails_part_way_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> None:
+    fixture_sweep(tmp_path / "sweep")
+    table = table_config("methods2d")
+    cells = aggregate(collect_metrics(tmp_path / "sweep"), table.rows, table.columns)
+    target = tmp_path / "methods2d.csv"
+    write_csv(target, table, cells)
+    before = target.read_bytes()
+    calls = iter(range(1000))
+
+    def failing_mean_std(values: list[float]) -> tuple[float, float]:
+        if next(calls) == 3:  # a few cells written, then the disk fills (or a bad record raises)
+            raise OSError("No space left on device")
+        return statistics.fmean(values), 0.0
+
+    monkeypatch.setattr("fmlab.table.mean_std", failing_mean_std)
+    with pytest.raises(OSError, match="No space left"):
+        write_csv(target, table, cells)
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
 def test_table_cli_without_a_sweep_says_what_to_do(tmp_path: Path) -> None:
     result = run_cli("fmlab.table", "table=methods2d", f"sweep_dir={tmp_path / 'missing'}", "run=false", cwd=tmp_path)
     assert result.returncode == 2 and "holds no metrics.json; run the table first" in result.stderr

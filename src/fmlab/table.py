@@ -9,6 +9,7 @@ with no runs shows as "not run", never as a number.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from fmlab.errors import UserError, exit_on_user_error
-from fmlab.runs import METRICS_FILE
+from fmlab.runs import METRICS_FILE, write_atomically
 from fmlab.utils.cli import CONFIG_DIR, CONFIG_PATH, check_composes, run_entry_point
 from fmlab.utils.sweep_summary import job_overrides
 
@@ -141,23 +142,26 @@ def render_markdown(table: DictConfig, cells: dict[tuple[str, str], list[dict]])
 
 
 def write_csv(target: Path, table: DictConfig, cells: dict[tuple[str, str], list[dict]]) -> None:
+    """The table as CSV (mean and std of every metric per cell, the paper's number beside), written whole or not at
+    all: a failure part-way keeps the previous file."""
     metrics = list(dict.fromkeys([m for c in table.column_order for m in column_metrics(table, c)]))
     metrics += [m for m in table.get("extra_metrics", []) if m not in metrics]
-    with target.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        papers = metrics if table.get("reference") else []
-        header = [f"{m}_{s}" for m in metrics for s in ("mean", "std")] + [f"{m}_paper" for m in papers]
-        column_header = table.columns if isinstance(table.columns, str) else "→".join(table.columns)
-        writer.writerow([table.rows, column_header, "runs", *header])
-        for row in table.row_order:
-            for column in table.column_order:
-                runs = cells.get((row, column), [])
-                values: list[Any] = []
-                for metric in metrics:
-                    numbers = [float(r[metric]) for r in runs if isinstance(r.get(metric), int | float)]
-                    values += list(mean_std(numbers)) if numbers else ["", ""]
-                references = [reference_value(table, row, column, m) or "" for m in papers]
-                writer.writerow([row, column, len(runs), *values, *references])
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    papers = metrics if table.get("reference") else []
+    header = [f"{m}_{s}" for m in metrics for s in ("mean", "std")] + [f"{m}_paper" for m in papers]
+    column_header = table.columns if isinstance(table.columns, str) else "→".join(table.columns)
+    writer.writerow([table.rows, column_header, "runs", *header])
+    for row in table.row_order:
+        for column in table.column_order:
+            runs = cells.get((row, column), [])
+            values: list[Any] = []
+            for metric in metrics:
+                numbers = [float(r[metric]) for r in runs if isinstance(r.get(metric), int | float)]
+                values += list(mean_std(numbers)) if numbers else ["", ""]
+            references = [reference_value(table, row, column, m) or "" for m in papers]
+            writer.writerow([row, column, len(runs), *values, *references])
+    write_atomically(target, handle.getvalue().encode())
 
 
 def sweep_jobs(args: list[str]) -> list[list[str]]:
@@ -312,7 +316,7 @@ def make_table(cfg: DictConfig) -> str:
     cells = aggregate(records, cfg.table.rows, cfg.table.columns)
     markdown = render_markdown(cfg.table, cells)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / f"{cfg.table.name}.md").write_text(markdown)
+    write_atomically(sweep_dir / f"{cfg.table.name}.md", markdown.encode())
     write_csv(sweep_dir / f"{cfg.table.name}.csv", cfg.table, cells)
     print(markdown, flush=True)
     return markdown

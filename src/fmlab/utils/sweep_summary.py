@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from fmlab.runs import METRICS_FILE, read_metrics
+from fmlab.runs import METRICS_FILE, read_metrics, write_atomically
 
 SUMMARY_FILE = "summary.csv"
 
@@ -39,10 +40,11 @@ def write_sweep_summary(sweep_dir: str | Path) -> Path | None:
         return None
     metric_names = sorted({key for row in rows for key in row} - {"job", "overrides"})
     target = Path(sweep_dir) / SUMMARY_FILE
-    with target.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["job", "overrides", *metric_names])
-        writer.writeheader()
-        writer.writerows(rows)
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=["job", "overrides", *metric_names])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(target, handle.getvalue().encode())  # a reader never sees half a summary
     return target
 
 
