@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,10 @@ from fmlab.table import (
     aggregate,
     collect_metrics,
     column_value,
+    cpu_slices,
     pending_launches,
     render_markdown,
+    run_pinned,
     sweep_jobs,
     threads_per_worker,
     write_csv,
@@ -160,6 +164,29 @@ def test_every_table_sweep_runs_into_its_own_cells_and_covers_every_published_nu
     assert published <= covered
     empty = {tuple(cell) for cell in table.get("empty_cells", [])}
     assert covered == {(r, c) for r in table.row_order for c in table.column_order} - empty
+
+
+def test_concurrent_runs_get_disjoint_cpu_slices_of_their_thread_count() -> None:
+    assert cpu_slices(2, [0, 1]) == [[0], [1]]
+    sixteen = cpu_slices(3, list(range(16)))
+    assert [len(s) for s in sixteen] == [5, 5, 5] and len({c for s in sixteen for c in s}) == 15
+    assert cpu_slices(3, [4, 7]) == [[4], [7], [4]]  # more runs than CPUs: they take turns, from this process's set
+    assert cpu_slices(1, [2, 3, 5]) == [[2, 3, 5]]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="the OS has no CPU affinity")
+def test_a_pinned_run_sees_only_its_slice_and_auto_starts_no_loader_worker_on_one_cpu(tmp_path: Path) -> None:
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    probe = (
+        "import os, json\n"
+        "from fmlab.paths.couplings import MinibatchOTCoupling\n"
+        "from fmlab.data.toy2d import loader_workers\n"
+        "print(json.dumps([sorted(os.sched_getaffinity(0)), loader_workers('auto', MinibatchOTCoupling())]))"
+    )
+    out = tmp_path / "probe.json"
+    with out.open("w") as stream:
+        assert run_pinned([sys.executable, "-c", probe], [cpu], stdout=stream) == 0
+    assert json.loads(out.read_text()) == [[cpu], 0]
 
 
 @pytest.mark.slow  # keeps `make test` inside its 10 minutes; `make test-all` runs it

@@ -8,11 +8,13 @@ with no runs shows as "not run", never as a number.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -265,21 +267,57 @@ def interleaved(per_sweep: list[list[Launch]]) -> list[Launch]:
     return order
 
 
+def own_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity set where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def threads_per_worker(workers: int, cpus: int | None = None) -> int:
     """CPU threads each of `workers` concurrent runs gets: small nets run faster as several one-thread
     processes than as one process with many threads."""
-    return max(1, (cpus or os.cpu_count() or 1) // workers)
+    return max(1, (cpus or len(own_cpus())) // workers)
+
+
+def cpu_slices(workers: int, cpus: list[int] | None = None) -> list[list[int]]:
+    """The CPUs each of `workers` concurrent runs is pinned to: disjoint slices of `threads_per_worker` CPUs of this
+    process's set (where runs outnumber CPUs, they share them in turn). A run then sees its share as its own
+    CPUs, so `data.num_workers=auto` starts loader workers only on CPUs no other run of the table uses."""
+    cpus = own_cpus() if cpus is None else cpus
+    size = threads_per_worker(workers, len(cpus))
+    return [[cpus[(slot * size + k) % len(cpus)] for k in range(size)] for slot in range(workers)]
+
+
+def run_pinned(command: list[str], cpus: list[int], **popen_kwargs: Any) -> int:
+    """Run `command` on `cpus` to its end and return its exit code. The affinity is set as the child starts, before
+    its imports start any thread (threads inherit it). Interrupted, the child gets SIGTERM (a training run
+    checkpoints and exits) and is waited for."""
+    process = subprocess.Popen(command, **popen_kwargs)
+    if hasattr(os, "sched_setaffinity"):
+        with contextlib.suppress(ProcessLookupError):  # it already ended
+            os.sched_setaffinity(process.pid, cpus)
+    try:
+        return process.wait()
+    except BaseException:
+        process.terminate()
+        process.wait()
+        raise
 
 
 def run_sweeps(table: DictConfig, sweep_dir: Path, workers: int = 1) -> None:
     """Run every pending launch. One worker: whole sweeps, in order, output on this terminal. More: every job on
     its own, `workers` at a time from one queue (a long sweep doesn't leave a worker idle), each with
-    `threads_per_worker` CPU threads and its output in `<sweep_dir>/logs/<sweep>_<job>.log`."""
+    `threads_per_worker` CPU threads on its own slice of CPUs (`cpu_slices`) and its output in
+    `<sweep_dir>/logs/<sweep>_<job>.log`."""
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise UserError(f"workers={workers} is not valid; choose a whole number of concurrent runs, 1 or more")
     launches = pending_launches(table, sweep_dir, whole_sweeps=workers == 1)
     threads = threads_per_worker(workers)
     env = os.environ if workers == 1 else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    free_slices: queue.Queue[list[int]] = queue.Queue()
+    for cpus in cpu_slices(workers):
+        free_slices.put(cpus)
 
     def say(line: str) -> None:
         sys.stdout.write(f"fmlab.table: {line}\n")  # one write per line: concurrent runs don't splice lines
@@ -292,9 +330,13 @@ def run_sweeps(table: DictConfig, sweep_dir: Path, workers: int = 1) -> None:
             return subprocess.run(command, env=env).returncode
         log = sweep_dir / "logs" / f"{launch.label}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as stream:
-            code = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
-        say(f"{launch.label} ended with exit {code} ({threads} threads; output in {log})")
+        cpus = free_slices.get()  # one per pool thread: a slice is never used by two runs at once
+        try:
+            with log.open("w") as stream:
+                code = run_pinned(command, cpus, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        finally:
+            free_slices.put(cpus)
+        say(f"{launch.label} ended with exit {code} ({threads} threads on CPUs {cpus}; output in {log})")
         return code
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
