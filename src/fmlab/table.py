@@ -291,8 +291,8 @@ def cpu_slices(workers: int, cpus: list[int] | None = None) -> list[list[int]]:
 
 def run_pinned(command: list[str], cpus: list[int], **popen_kwargs: Any) -> int:
     """Run `command` on `cpus` to its end and return its exit code. The affinity is set as the child starts, before
-    its imports start any thread (threads inherit it). Interrupted, the child gets SIGTERM (a training run
-    checkpoints and exits) and is waited for."""
+    its imports start any thread (threads inherit it). If the wait raises in this thread, the child gets SIGTERM
+    (a training run checkpoints and exits) and is waited for, never left running."""
     process = subprocess.Popen(command, **popen_kwargs)
     if hasattr(os, "sched_setaffinity"):
         with contextlib.suppress(ProcessLookupError):  # it already ended
