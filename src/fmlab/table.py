@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from fmlab.errors import UserError, exit_on_user_error
 from fmlab.runs import METRICS_FILE, write_atomically
 from fmlab.utils.cli import CONFIG_DIR, CONFIG_PATH, check_composes, run_entry_point
+from fmlab.utils.cpus import own_cpus
 from fmlab.utils.sweep_summary import job_overrides
 
 NOT_RUN = "not run"
@@ -265,13 +266,6 @@ def interleaved(per_sweep: list[list[Launch]]) -> list[Launch]:
     for position in range(max((len(launches) for launches in per_sweep), default=0)):
         order += [launches[position] for launches in per_sweep if position < len(launches)]
     return order
-
-
-def own_cpus() -> list[int]:
-    """The CPUs this process may run on (its affinity set where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
 
 
 def threads_per_worker(workers: int, cpus: int | None = None) -> int:

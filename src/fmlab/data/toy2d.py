@@ -7,7 +7,6 @@ Definitions follow the papers' code so figures compare: `moons` and `8gaussians`
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from fmlab.errors import UserError, choices_error
 from fmlab.paths.couplings import Coupling, IndependentCoupling
 from fmlab.seeding import seeded_generator
+from fmlab.utils.cpus import own_cpus
 
 Sampler = Callable[[int, torch.Generator], Tensor]
 # a sampler that also returns each point's class (long tensor): the labels of conditioning=class
@@ -214,8 +214,8 @@ AUTO_OT_WORKERS = 4
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """How many CPUs this process may run on (its affinity set: its share under a scheduler or a table)."""
+    return len(own_cpus())
 
 
 def loader_workers(num_workers: int | str, coupling: Coupling, cpus: int | None = None) -> int:
