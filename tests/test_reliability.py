@@ -291,6 +291,79 @@ def test_evaluator_flags_non_finite_samples_for_points_and_images(data: str, tmp
         assert math.isnan(results[metric]) and all(math.isnan(v) for v in results[f"{metric}_draws"])
 
 
+class HugeNet(nn.Module):
+    """Finite samples so large (half the float32 maximum) that the digits classifier's features overflow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.full_like(x, torch.finfo(torch.float32).max / 2)
+
+
+def broken_digits_weights(target: Path) -> Path:
+    """The committed digits classifier with one NaN weight: every reference feature is NaN."""
+    from fmlab.metrics.digits_classifier import WEIGHTS_PATH
+
+    state = torch.load(WEIGHTS_PATH, weights_only=True)
+    state["state_dict"]["head.weight"] = state["state_dict"]["head.weight"].clone()
+    trunk = next(k for k in state["state_dict"] if k.startswith("trunk") and k.endswith("weight"))
+    state["state_dict"][trunk] = state["state_dict"][trunk].clone()
+    state["state_dict"][trunk][0, 0, 0, 0] = math.nan
+    torch.save(state, target)
+    return target
+
+
+@pytest.mark.parametrize("case", ["features_overflow", "broken_extractor", "conditional_nan"])
+def test_non_finite_features_give_nan_metrics_never_a_crash(case: str, tmp_path: Path) -> None:
+    """Kinds of non-finite input the listed one (a NaN sample) did not cover: finite samples whose features
+    overflow, a feature extractor whose reference statistics are NaN, and a class-conditional draw (class
+    accuracy). Each must give NaN, and none may reach torch.linalg (which aborts the process under torch 2.14)."""
+    from fmlab.nets import MLP
+
+    fid: dict = {"cache_dir": str(tmp_path / "cache")}
+    net: nn.Module = HugeNet() if case == "features_overflow" else ExplodedNet()
+    labels = False
+    if case == "broken_extractor":
+        fid["weights_path"] = str(broken_digits_weights(tmp_path / "broken.pt"))
+        net = MLP((1, 8, 8), width=16)  # finite samples: only the extractor is broken
+    if case == "conditional_nan":
+        net, labels = ExplodedConditionalNet(), True
+    module = FlowModule(net, AffinePath(CondOT()), VelocityObjective())
+    datamodule = DigitsDataModule(num_eval_samples=100, with_labels=labels)
+    evaluator = Evaluator(ODESolver("euler", num_steps=2), 100, num_draws=2, nll_samples=0, fid=fid,
+                          fidelity_metrics=("kid", "prc"))  # fmt: skip
+    results = evaluator.evaluate(module.velocity_field(), datamodule)
+    expected = ["fid", "kid", "precision", "recall"] + (["class_accuracy"] if labels else [])
+    for metric in expected:
+        assert math.isnan(results[metric]), (metric, results[metric])
+    assert results["diverged"] is True
+    if case == "broken_extractor":  # no NaN reference statistics cached for the next run
+        assert not list((tmp_path / "cache").glob("*.pt"))
+
+
+class ExplodedConditionalNet(ExplodedNet):
+    num_classes = 10
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(t, x)
+
+
+def test_a_diverged_digits_run_through_the_cli_exits_normally_with_nan_fid_and_the_flag(tmp_path: Path) -> None:
+    result = run_cli(
+        "fmlab.train", "data=digits", "optimizer.lr=1000", "solver=euler", "solver.num_steps=5",
+        "trainer.max_steps=60", "data.num_eval_samples=200", "eval.num_draws=2", "eval.nll_samples=0",
+        "eval.fidelity_metrics=[kid,prc]", "logger=none", f"hydra.run.dir={tmp_path}", cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]  # not 139 (SIGSEGV) or 134 (abort) from LAPACK
+    metrics = metrics_of(tmp_path)
+    assert metrics["diverged"] is True and metrics["nonfinite_samples"] > 0
+    for key in ("fid", "kid", "precision", "recall"):
+        assert math.isnan(metrics[key]), key
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
 def test_adaptive_solvers_stop_at_max_nfe_with_one_line() -> None:
     solver = ODESolver("dopri5", atol=1e-9, rtol=1e-9, max_nfe=60)
     stiff = lambda t, x: -1e4 * (x - torch.cos(t))  # noqa: E731

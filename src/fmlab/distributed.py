@@ -39,6 +39,11 @@ class Ranks:
             return tensor.unsqueeze(0)
         return self.all_gather(tensor)
 
+    def all_true(self, flag: bool, device: torch.device | None = None) -> bool:
+        """Whether `flag` holds on every rank: a collective under DDP (every rank calls it and gets the same
+        answer), so a branch on it is taken by all ranks or by none."""
+        return bool(self.gather(torch.tensor([float(flag)], device=device)).min() > 0)
+
 
 def end_process_group() -> None:
     """Wait for every rank, then destroy the process group, before the entry point returns. Left to exit-time

@@ -28,7 +28,7 @@ from fmlab.metrics.distances import (
     straightness,
     wasserstein2,
 )
-from fmlab.metrics.fidelity import check_metrics
+from fmlab.metrics.fidelity import check_metrics, unmeasured
 from fmlab.sampling import AncestralSampler, ODESolver, VelocityField, path_energy, sample
 from fmlab.seeding import stream_seed
 
@@ -371,6 +371,8 @@ class Evaluator:
         return metric, prepare
 
     def _image_metrics(self, field: VelocityField, datamodule: Any, ranks: Ranks) -> dict[str, Any]:
+        from fmlab.metrics.fid import states_are_finite
+
         device = field_device(field)
         metric, prepare = self.fid_metric(datamodule, device, ranks)
         fid, nfe, nonfinite = [], [], 0
@@ -379,17 +381,20 @@ class Evaluator:
         for _, samples, chunk_nfe in self._generate_draws(
             field, datamodule, ranks, on_chunk=lambda x: metric.update(prepare(x), real=False)
         ):
-            value = float(metric.compute())  # sums every rank's features: a collective
-            metric.reset()  # keeps the reference (reset_real_features=False)
+            # decided before any metric is computed, the same on every rank (the samples are gathered; the feature
+            # sums are checked on every rank together): a draw with a non-finite sample gets NaN for every metric,
+            # never a score of its clamped pixels and never a non-finite matrix handed to LAPACK
             bad = count_nonfinite(samples)
-            fid.append(math.nan if bad else value)  # prepare() clamps pixels: a NaN image would still score
+            measurable = ranks.all_true(not bad and states_are_finite(metric), device)
+            fid.append(float(metric.compute()) if measurable else math.nan)  # compute() sums every rank's features
+            metric.reset()  # keeps the reference (reset_real_features=False)
             if self.fidelity_metrics:
-                scores = self._fidelity_of(samples, datamodule)
+                scores = self._fidelity_of(samples, datamodule) if measurable else unmeasured(self.fidelity_metrics)
                 for name, score in scores.items():
-                    per_draw.setdefault(name, []).append(math.nan if bad else score)
+                    per_draw.setdefault(name, []).append(score)
             if field.num_classes and feature == "digits":
-                accuracy = self._class_accuracy(samples, field.num_classes)
-                per_draw.setdefault("class_accuracy", []).append(math.nan if bad else accuracy)
+                accuracy = self._class_accuracy(samples, field.num_classes) if measurable else math.nan
+                per_draw.setdefault("class_accuracy", []).append(accuracy)
             nfe += chunk_nfe
             nonfinite += bad
         # Lipman et al. 2023 and ADM take FID against the training set's statistics

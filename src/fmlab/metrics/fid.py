@@ -25,6 +25,7 @@ FEATURES = ("inception", "digits")
 INCEPTION_DIMS = (64, 192, 768, 2048)
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+FAKE_STATES = ("fake_features_sum", "fake_features_cov_sum", "fake_features_num_samples")
 
 
 def inception_cache_path() -> Path:
@@ -110,12 +111,19 @@ def reference_statistics(
     for batch in images.split(batch_size):
         metric.update(prepare(batch.to(device)), real=True)
     states = {state: getattr(metric, state).detach().cpu().clone() for state in REAL_STATES}
-    if cache is not None:
+    if cache is not None and states_are_finite(metric):  # a broken extractor's statistics are never kept
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_suffix(f".{os.getpid()}.tmp")  # concurrent jobs may write the same cache
         torch.save(states, partial)
         partial.replace(cache)
     return states
+
+
+def states_are_finite(metric: nn.Module) -> bool:
+    """Whether every feature sum the metric holds (reference and generated) is finite. `compute()` takes the
+    eigenvalues of Σ_r Σ_g; under torch 2.14.1 `torch.linalg.eigvals` of a non-finite matrix aborts the whole
+    process (heap corruption, not an exception), so a non-finite state must never reach it."""
+    return all(bool(torch.isfinite(getattr(metric, state)).all()) for state in (*REAL_STATES, *FAKE_STATES))
 
 
 def load_reference(metric: nn.Module, states: dict[str, Tensor] | None) -> None:

@@ -9,6 +9,7 @@ resized by torch-fidelity itself) or the digits classifier (64 features and its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from fmlab.errors import UserError, choices_error
 # isc: Inception Score (Salimans et al. 2016); kid: Kernel Inception Distance (Bińkowski et al. 2018); prc: precision
 # and recall of the k-NN manifolds (Kynkäänniemi et al. 2019)
 FIDELITY_METRICS = ("isc", "kid", "prc")
+# the numbers each metric reports
+SCORES = {"isc": ("inception_score",), "kid": ("kid",), "prc": ("precision", "recall")}
 
 Extractor = Callable[[Tensor], tuple[Tensor, Tensor]]
 
@@ -79,6 +82,11 @@ def extract(extractor: Extractor, images: Tensor, batch_size: int = 500) -> tupl
     return torch.cat([p[0].cpu() for p in parts]), torch.cat([p[1].cpu() for p in parts])
 
 
+def unmeasured(names: tuple[str, ...]) -> dict[str, float]:
+    """NaN for every score of `names`: what a draw holding a non-finite sample or feature gets."""
+    return {score: math.nan for name in names for score in SCORES[name]}
+
+
 def fidelity_metrics(
     names: tuple[str, ...],
     generated: tuple[Tensor, Tensor],
@@ -96,6 +104,8 @@ def fidelity_metrics(
     from torch_fidelity.metric_prc import prc_features_to_metric
 
     features, logits = generated
+    if not all(bool(torch.isfinite(t).all()) for t in (features, logits, reference)):
+        return unmeasured(names)  # torch-fidelity's kernels and k-NN radii are meaningless (or worse) on NaN
     results: dict[str, float] = {}
     if "isc" in names:
         results["inception_score"] = isc_features_to_metric(logits)["inception_score_mean"]
