@@ -40,8 +40,8 @@ from hydra.utils import instantiate
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from fmlab.cli import compose_train_config
 from fmlab.distributed import Ranks
-from fmlab.utils.config import compose_train_config, instantiate_each
 
 
 class BareLoop:
@@ -176,27 +176,22 @@ def compare(
     end-of-fit evaluation, which is not a step cost, is left out. fmlab's loader workers keep running during the
     other side's chunk, so each fmlab chunk starts with up to 2 batches per worker made ahead (DataLoader's
     prefetch): at most 2 of its `chunk` steps' coupling, as in any run where the step is the slower side."""
-    from fmlab.callbacks import PeriodicEvaluation, SampleLogger, build_callbacks
-    from fmlab.module import FlowModule
+    from fmlab.build import build_training
+    from fmlab.callbacks import PeriodicEvaluation, SampleLogger
 
     bare = bare if bare is not None else BareLoop(overrides)
     with TemporaryDirectory() as tmp:
         cfg = compose_train_config([*overrides, "logger=csv", f"trainer.max_steps={steps}"], Path(tmp))
-        L.seed_everything(cfg.seed, verbose=False)
+        run = build_training(cfg)  # seeded and built as `python -m fmlab.train` builds it
         interleaved = InterleavedBareLoop(bare, chunk, warmup)
         callbacks = [
             L.Callback() if isinstance(callback, PeriodicEvaluation | SampleLogger) else callback
-            for callback in build_callbacks(cfg)
+            for callback in run.callbacks
         ]
         trainer = instantiate(
-            cfg.trainer,
-            callbacks=[*callbacks, interleaved],
-            logger=instantiate_each(cfg.logger),
-            enable_progress_bar=True,
+            cfg.trainer, callbacks=[*callbacks, interleaved], logger=run.loggers or False, enable_progress_bar=True
         )
-        datamodule = instantiate(cfg.data)
-        datamodule.couple_with(instantiate(cfg.coupling))
-        trainer.fit(FlowModule.from_config(cfg), datamodule=datamodule)
+        trainer.fit(run.module, datamodule=run.datamodule)
     row = paired_row(name, interleaved.ours, interleaved.bare_seconds, chunk)
     row["bare_steps"], row["fmlab_steps"] = bare.steps_done, trainer.global_step
     row["callbacks"] = len(trainer.callbacks)
@@ -292,7 +287,8 @@ def sampler_row(num_samples: int, repeats: int) -> dict[str, Any]:
     """One dopri5 (1e-5) generation of `num_samples` 2D points by fmlab and by bare torchdiffeq, alternated."""
     from torchdiffeq import odeint
 
-    from fmlab.sampling import VelocityField, sample
+    from fmlab.objectives import VelocityField
+    from fmlab.samplers import sample
 
     with TemporaryDirectory() as tmp:
         cfg = compose_train_config([], Path(tmp))
@@ -366,7 +362,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=100, help="steps per timed chunk of each side (U-Net: 1/20)")
     parser.add_argument("--only", choices=["torchcfm"], help="run only these rows (torchcfm: the TorchCFM ones)")
     args = parser.parse_args()
-    from fmlab.utils.console import quiet_third_party_output
+    from fmlab.cli import quiet_third_party_output
 
     quiet_third_party_output()  # as the entry points: no tips or third-party deprecations between the rows
     small = max(args.chunk // 20, 1)

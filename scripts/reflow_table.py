@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
-import math
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from fmlab.runs import write_atomically
+from fmlab.io import write_csv
+from fmlab.results import REFLOW_EULER_STEPS, REFLOW_STAGES, reflow_markdown, reflow_row
 
 # the teacher, and what every stage of a task shares (2D: TorchCFM's 8 Gaussians -> moons pair with I-CFM;
 # digits: experiment=digits_fm_ot); the students train on the linear path (FM-OT, sigma_min 1e-4), as Liu et al.
@@ -42,8 +40,6 @@ TASKS = {
         "metric": "fid",
     },
 }
-STAGES = ("teacher", "2-rectified", "2-rectified + distilled (k = 1)")
-EULER_STEPS = (1, 2, 4)
 
 
 def run(module: str, *args: str, log: Path) -> None:
@@ -59,9 +55,9 @@ def train_stage(task: dict, stage: str, seed: int, out: Path, name: str) -> Path
         return run_dir
     args = [*task["common"], f"seed={seed}", "logger=csv", "extras.print_config=false", f"hydra.run.dir={run_dir}"]
     prefix = name.rsplit("_", 2)[0]
-    if stage == STAGES[0]:
+    if stage == REFLOW_STAGES[0]:
         args = [*task["teacher"], *args]
-    elif stage == STAGES[1]:
+    elif stage == REFLOW_STAGES[1]:
         args = [*task["student"], "coupling=reflow", f"coupling.teacher={out / f'{prefix}_teacher_s{seed}'}", *args]
     else:
         args = [*task["student"], *task["distill"], "coupling=reflow", "time_sampler=grid", "time_sampler.k=1",
@@ -84,76 +80,36 @@ def measure(task_name: str, seeds: list[int], out: Path) -> None:
     task = TASKS[task_name]
     rows = []
     for seed in seeds:
-        for stage, tag in zip(STAGES, ("teacher", "rectified", "distilled"), strict=True):
+        for stage, tag in zip(REFLOW_STAGES, ("teacher", "rectified", "distilled"), strict=True):
             run_dir = train_stage(task, stage, seed, out, f"{task_name}_{tag}_s{seed}")
             metrics = json.loads((run_dir / "metrics.json").read_text())
-            row = {"task": task_name, "stage": stage, "seed": seed}
-            row.update({f"{task['metric']}_euler{k}": euler_metric(run_dir, k, task) for k in EULER_STEPS})
-            row[f"{task['metric']}_dopri5"] = metrics[task["metric"]]
-            row["nfe_dopri5"] = metrics["nfe"]
-            row["straightness"] = metrics.get("straightness", math.nan)
-            row["train_seconds"] = metrics["train_seconds"] + metrics.get("pair_generation_seconds", 0.0)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    handle = io.StringIO(newline="")
-    writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(out / f"{task_name}.csv", handle.getvalue().encode())
+            euler = {k: euler_metric(run_dir, k, task) for k in REFLOW_EULER_STEPS}
+            rows.append(reflow_row(task_name, stage, seed, task["metric"], metrics, euler))
+            print(json.dumps(rows[-1]), flush=True)
+    write_csv(out / f"{task_name}.csv", rows)
 
 
 def render(out: Path) -> str:
-    lines = []
+    tables = []
     for task_name, task in TASKS.items():
         path = out / f"{task_name}.csv"
-        if not path.exists():
-            continue
-        rows = list(csv.DictReader(path.open()))
-        metric = task["metric"].upper()
-        columns = [f"{task['metric']}_euler{k}" for k in EULER_STEPS] + [f"{task['metric']}_dopri5", "nfe_dopri5",
-                                                                          "straightness", "train_seconds"]  # fmt: skip
-        header = [f"{metric}, {k} Euler step{'s' if k > 1 else ''}" for k in EULER_STEPS]
-        header += [f"{metric}, dopri5", "NFE dopri5", "straightness", "training s (pairs incl.)"]
-        lines += [f"**{task_name}** ({len({r['seed'] for r in rows})} seeds, mean ± std)", "",
-                  "| stage | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]  # fmt: skip
-        for stage in STAGES:
-            mine = [r for r in rows if r["stage"] == stage]
-            cells = []
-            for column in columns:
-                values = [float(r[column]) for r in mine]
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                digits = 0 if column in ("train_seconds", "nfe_dopri5") else 3
-                cells.append(f"{statistics.fmean(values):.{digits}f} ± {spread:.{digits}f}")
-            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
+        if path.exists():
+            tables.append(reflow_markdown(task_name, task["metric"], list(csv.DictReader(path.open()))))
+    return "\n".join(tables)
 
 
 def sample_grids(out: Path, target: Path, seed: int = 0, steps: int = 1, count: int = 64) -> None:
     """One image grid per digits stage: `count` samples of `steps` Euler steps from the same source noise."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-    from torchvision.utils import make_grid
-
+    from fmlab.plotting import plot_image_grids
     from fmlab.runs import load_run
-    from fmlab.sampling import ODESolver, sample
+    from fmlab.samplers import ODESolver, sample
 
-    fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 4.4), dpi=120)
-    for ax, stage, tag in zip(axes, STAGES, ("teacher", "rectified", "distilled"), strict=True):
+    panels = []
+    for stage, tag in zip(REFLOW_STAGES, ("teacher", "rectified", "distilled"), strict=True):
         run = load_run(out / f"digits_{tag}_s{seed}")
-        x0 = run.datamodule.eval_source(count)
-        with torch.no_grad():
-            images = sample(run.velocity_field(), x0, ODESolver("euler", num_steps=steps)).samples
-        grid = make_grid(images.clamp(-1, 1), nrow=8, normalize=True, value_range=(-1, 1), padding=1)
-        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(f"{stage}: {steps} Euler step{'s' if steps > 1 else ''}", fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(target)
-    plt.close(fig)
+        images = sample(run.velocity_field(), run.datamodule.eval_source(count), ODESolver("euler", num_steps=steps))
+        panels.append((f"{stage}: {steps} Euler step{'s' if steps > 1 else ''}", images.samples))
+    plot_image_grids(panels, target)
 
 
 def main() -> None:

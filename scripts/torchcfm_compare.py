@@ -102,8 +102,9 @@ def score(run_dir: Path, torchcfm_file: Path) -> dict[str, float]:
     from torchcfm.models.models import MLP
 
     from fmlab.metrics.distances import wasserstein2
+    from fmlab.objectives import VelocityField
     from fmlab.runs import load_run
-    from fmlab.sampling import VelocityField, sample
+    from fmlab.samplers import sample
 
     run = load_run(run_dir)
     saved = torch.load(torchcfm_file, map_location="cpu")
@@ -126,7 +127,7 @@ def score(run_dir: Path, torchcfm_file: Path) -> dict[str, float]:
 
 
 def compare(seeds: list[int], steps: int, out: Path) -> None:
-    from fmlab.runs import write_atomically
+    from fmlab.io import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
@@ -152,7 +153,7 @@ def compare(seeds: list[int], steps: int, out: Path) -> None:
                 "torchcfm_wall_seconds": torchcfm_wall,
                 **score(run_dir, torchcfm_file),
             }
-            write_atomically(result_file, (json.dumps(result, indent=2) + "\n").encode())
+            write_json(result_file, result)
             print(json.dumps(result), flush=True)
 
 

@@ -13,8 +13,8 @@ import tempfile
 
 from hydra.utils import instantiate
 
+from fmlab.cli import compose_train_config
 from fmlab.metrics.distances import wasserstein2
-from fmlab.utils.config import compose_train_config
 
 
 def floors(data_override: str, draws: int, num_samples: int | None) -> list[float]:

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from fmlab.utils.cli import CONFIG_DIR
-from fmlab.utils.config import compose_train_config
+from fmlab.cli import CONFIG_DIR, compose_train_config
 
 REPO_ROOT = CONFIG_DIR.parent
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from fmlab.callbacks import build_callbacks
+from fmlab.build import instantiate_each
+from fmlab.cli import CONFIG_DIR, group_options
 from fmlab.module import FlowModule
-from fmlab.utils.cli import CONFIG_DIR, group_options
-from fmlab.utils.config import instantiate_each
 from tests.image_fixtures import WRITERS
 
 GROUPS = [
@@ -63,8 +62,8 @@ def test_option_composes_and_instantiates(group: str, option: str, train_config,
     if cfg.net._target_.endswith("UNet"):
         assert module.net.data_shape == datamodule.data_shape
     instantiate(cfg.solver)
-    callbacks = build_callbacks(cfg)
-    loggers = instantiate_each(cfg.get("logger"))
+    callbacks = instantiate_each(cfg, "callbacks")
+    loggers = instantiate_each(cfg, "logger")
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         return  # composes; Lightning refuses to build a GPU trainer on a machine without one
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

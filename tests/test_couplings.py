@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from fmlab.paths import IndependentCoupling, MinibatchOTCoupling
-from fmlab.paths.couplings import squared_distance_matrix
+from fmlab.couplings import IndependentCoupling, MinibatchOTCoupling, squared_distance_matrix
 
 
 def test_exact_ot_coupling_is_the_optimal_assignment() -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from fmlab.couplings import MinibatchOTCoupling
 from fmlab.data.images import DigitsDataModule
 from fmlab.data.tong2d import TongDataModule
 from fmlab.data.toy2d import Toy2DDataModule
@@ -19,9 +20,9 @@ from fmlab.errors import UserError
 from fmlab.evaluation.engine import Evaluator, class_labels
 from fmlab.module import drop_labels_to_null
 from fmlab.nets import MLP, UNet
-from fmlab.objectives import EpsilonObjective, ScoreObjective, VelocityObjective
-from fmlab.paths import AffinePath, CondOT, MarginalOracle, MinibatchOTCoupling, VPLinear
-from fmlab.sampling import ODESolver, VelocityField, guided_prediction, sample
+from fmlab.objectives import EpsilonObjective, ScoreObjective, VelocityField, VelocityObjective, guided_prediction
+from fmlab.paths import AffinePath, CondOT, MarginalOracle, VPLinear
+from fmlab.samplers import ODESolver, sample
 from tests.conftest import run_cli
 
 # K = 6 points in 2D, two per class
@@ -269,7 +270,8 @@ def test_a_conditional_digits_net_generates_its_classes_and_guidance_raises_the_
 
 
 def test_the_guidance_sweep_writes_one_row_per_solver_and_scale_with_both_net_calls_counted(tmp_path: Path) -> None:
-    from fmlab.evaluation.guidance_sweep import guidance_sweep, plot_guidance_sweep
+    from fmlab.evaluation import guidance_sweep
+    from fmlab.plotting import plot_guidance_sweep
 
     path = AffinePath(CondOT())
     field = VelocityField(class_oracle(path).float(), VelocityObjective(), path)

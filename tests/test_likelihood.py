@@ -9,9 +9,9 @@ from torch import Tensor, nn
 
 from fmlab.distributed import Ranks
 from fmlab.likelihood import bits_per_dim, importance_weighted_log_prob, log_likelihood
-from fmlab.objectives import VelocityObjective
+from fmlab.objectives import VelocityField, VelocityObjective
 from fmlab.paths import AffinePath, CondOT
-from fmlab.sampling import ODESolver, VelocityField
+from fmlab.samplers import ODESolver
 
 F64 = torch.float64
 MEAN = torch.tensor([1.0, -0.5], dtype=F64)
@@ -101,7 +101,7 @@ def test_importance_weighted_bpd_over_k_dequantisations_beats_their_mean_and_equ
     from fmlab.data.images import DigitsDataModule
     from fmlab.evaluation import Evaluator
     from fmlab.module import FlowModule
-    from fmlab.sampling import ODESolver
+    from fmlab.samplers import ODESolver
 
     torch.manual_seed(0)
     field = FlowModule.from_config(train_config("data=digits")).velocity_field()

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fmlab.data import toy2d
+from fmlab.couplings import IndependentCoupling, MinibatchOTCoupling, squared_distance_matrix
+from fmlab.data import streams
 from fmlab.data.images import DigitsDataModule
+from fmlab.data.streams import loader_workers
 from fmlab.data.tong2d import TongDataModule
-from fmlab.data.toy2d import Toy2DDataModule, loader_workers
+from fmlab.data.toy2d import Toy2DDataModule
 from fmlab.errors import UserError
-from fmlab.paths import IndependentCoupling, MinibatchOTCoupling
-from fmlab.paths.couplings import squared_distance_matrix
 
 
 def toy_moons() -> Toy2DDataModule:
@@ -120,12 +120,12 @@ def test_validation_pairs_are_coupled_once_and_scored_the_same_every_time() -> N
 
 
 def test_auto_workers_run_ot_beside_the_step_and_bad_counts_fail_in_one_line(monkeypatch) -> None:
-    monkeypatch.setattr(toy2d, "available_cpus", lambda: 2)
+    monkeypatch.setattr(streams, "available_cpus", lambda: 2)
     assert loader_workers("auto", MinibatchOTCoupling("exact")) == 1
     assert loader_workers("auto", IndependentCoupling()) == 0
-    monkeypatch.setattr(toy2d, "available_cpus", lambda: 16)
-    assert loader_workers("auto", MinibatchOTCoupling("sinkhorn")) == toy2d.AUTO_OT_WORKERS
-    monkeypatch.setattr(toy2d, "available_cpus", lambda: 1)
+    monkeypatch.setattr(streams, "available_cpus", lambda: 16)
+    assert loader_workers("auto", MinibatchOTCoupling("sinkhorn")) == streams.AUTO_OT_WORKERS
+    monkeypatch.setattr(streams, "available_cpus", lambda: 1)
     assert loader_workers("auto", MinibatchOTCoupling("exact")) == 0
     assert loader_workers("auto", MinibatchOTCoupling("exact"), cpus=8) == 4  # a process's share of the CPUs
     assert loader_workers(3, IndependentCoupling()) == 3

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fmlab.utils.loggers import wandb_should_be_offline
+from fmlab.loggers import wandb_should_be_offline
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmlab.objectives import EpsilonObjective, ScoreObjective, VelocityObjective
+from fmlab.objectives import EpsilonObjective, ScoreObjective, VelocityField, VelocityObjective
 from fmlab.paths import AffinePath, CondOT, MarginalOracle, VEGeometric, VPCosine, VPLinear
-from fmlab.sampling import ODESolver, VelocityField, sample
+from fmlab.samplers import ODESolver, sample
 
 F64 = torch.float64
 PATHS = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from fmlab.cli import group_options
 from fmlab.train import train
-from fmlab.utils.cli import group_options
 from tests.test_train import untrained_w2
 
 QUICK = ["logger=none", "trainer.max_steps=1000", "data.num_eval_samples=500", "eval.num_draws=1", "eval.nll_samples=0"]

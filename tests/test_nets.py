@@ -101,7 +101,7 @@ def test_unet_configs_keep_the_image_shape_and_have_the_recipes_parameter_count(
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from fmlab.utils.cli import CONFIG_DIR
+    from fmlab.cli import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"net={net_name}", f"data={data_name}"])

@@ -7,7 +7,7 @@ import torch
 
 from fmlab.objectives import EpsilonObjective, ScoreLikelihoodObjective, ScoreObjective, VelocityObjective
 from fmlab.paths import AffinePath, CondOT, MarginalOracle, VEGeometric, VPCosine, VPLinear
-from fmlab.paths.time_samplers import LogSNRUniformTime, UniformTime, log_snr
+from fmlab.paths.time_samplers import LogSNRUniformTime, UniformTime
 
 F64 = torch.float64
 
@@ -23,7 +23,7 @@ def test_vp_diffusion_coefficient_is_beta() -> None:
 def test_g2_over_sigma2_is_the_time_derivative_of_log_snr(path: AffinePath) -> None:
     t = torch.linspace(0.05, 0.95, 31, dtype=F64)
     h = 1e-6
-    numeric = (log_snr(path, t + h) - log_snr(path, t - h)) / (2 * h)
+    numeric = (path.log_snr(t + h) - path.log_snr(t - h)) / (2 * h)
     torch.testing.assert_close(path.diffusion_squared(t) / path.schedule.sigma(t) ** 2, numeric, rtol=1e-6, atol=1e-8)
 
 
@@ -33,8 +33,8 @@ def test_scoreflow_times_are_uniform_in_log_snr_and_make_the_likelihood_weight_c
     torch.manual_seed(0)
     t = sampler.sample(path, 20_000, dtype=F64)
     assert path.t_min <= t.min() and t.max() <= path.t_max
-    bounds = log_snr(path, torch.tensor([path.t_min, path.t_max], dtype=F64))
-    u = (log_snr(path, t) - bounds[0]) / (bounds[1] - bounds[0])
+    bounds = path.log_snr(torch.tensor([path.t_min, path.t_max], dtype=F64))
+    u = (path.log_snr(t) - bounds[0]) / (bounds[1] - bounds[0])
     quantiles = torch.quantile(u, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=F64))
     torch.testing.assert_close(quantiles, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=F64), atol=0.01, rtol=0)
     # g² × p_uniform/p = σ² Z/(t_max − t_min): ScoreFlow's importance-sampled weight, constant up to σ²

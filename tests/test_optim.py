@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fmlab.errors import UserError
+from fmlab.nets.performance import configure_throughput
 from fmlab.optim import warmup_polynomial, warmup_polynomial_factor
-from fmlab.utils.performance import configure_throughput
 
 
 def test_warmup_polynomial_rises_linearly_then_decays_to_zero_at_the_last_step() -> None:

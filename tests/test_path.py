@@ -7,7 +7,7 @@ import torch
 from torchdiffeq import odeint
 
 from fmlab.errors import UserError
-from fmlab.paths import AffinePath, CondOT, Linear, VEGeometric, VPLinear
+from fmlab.paths import AffinePath, CondOT, Linear, VEGeometric, VPCosine, VPLinear
 
 PATHS = {
     "ot": AffinePath(CondOT(1e-4)),
@@ -67,3 +67,54 @@ def test_sample_time_stays_inside_the_schedule_range() -> None:
 def test_bad_smoothing_names_the_choices() -> None:
     with pytest.raises(UserError, match="path.smoothing='gauss'.*bridge, constant, none"):
         AffinePath(Linear(), smoothing="gauss")
+
+
+# Path quantities the samplers, time samplers and likelihood read, against closed forms (the only implementations:
+# tests/test_layers.py checks the loops and formulas have no second home).
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("name", PATHS)
+def test_prior_log_density_is_the_gaussian_of_the_prior_std(name: str) -> None:
+    path = PATHS[name]
+    x = torch.randn(50, 3, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    std = {"ot": 1.0, "vp": float(VPLinear().sigma(torch.tensor(0.0, dtype=F64))), "ve": 10.0}[name]
+    expected = torch.distributions.Normal(0.0, std).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(path.prior_log_prob(x), expected)
+    torch.testing.assert_close(path.prior_sample(x), std * x)
+
+
+def test_noise_ratio_log_snr_and_the_time_of_a_noise_level_match_closed_forms() -> None:
+    t = torch.linspace(0.05, 0.95, 19, dtype=F64)
+    ot, ve, cosine = PATHS["ot"], PATHS["ve"], AffinePath(VPCosine())
+    # σ̃ = σ/α: CondOT (1 − (1 − σ_min) t)/t, VE σ_t, cosine cot(πt/2); log SNR = −2 log σ̃
+    torch.testing.assert_close(ot.noise_ratio(t), (1 - (1 - 1e-4) * t) / t)
+    torch.testing.assert_close(ve.noise_ratio(t), 0.01 * 1000.0 ** (1 - t))
+    torch.testing.assert_close(cosine.noise_ratio(t), 1 / torch.tan(torch.pi * t / 2))
+    torch.testing.assert_close(ot.log_snr(t), -2 * torch.log(ot.noise_ratio(t)))
+    # t(σ̃): CondOT 1/(σ̃ + 1 − σ_min), VE 1 − log(σ̃/σ_min)/log(σ_max/σ_min), cosine (2/π) atan(1/σ̃)
+    levels = torch.logspace(-1.5, 1.5, 13, dtype=F64)
+    torch.testing.assert_close(ot.time_of_noise_ratio(levels), 1 / (levels + 1 - 1e-4), atol=1e-12, rtol=0)
+    expected_ve = (1 - torch.log(levels / 0.01) / torch.log(torch.tensor(1000.0, dtype=F64))).clamp(0, 1)
+    torch.testing.assert_close(ve.time_of_noise_ratio(levels), expected_ve, atol=1e-12, rtol=0)
+    expected_cosine = (2 / torch.pi * torch.atan(1 / levels)).clamp(max=cosine.t_max)
+    torch.testing.assert_close(cosine.time_of_noise_ratio(levels), expected_cosine, atol=1e-12, rtol=0)
+    # outside the path's range: the nearer end
+    assert float(ve.time_of_noise_ratio(torch.tensor([1e6], dtype=F64))) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_the_ddpm_posterior_step_is_gaussian_conditioning_of_the_forward_transition(name: str) -> None:
+    """x_n = a x_c + b z keeps the marginals (α_n = a α_c, σ_n² = a² σ_c² + b²), and the posterior of x_c given x_n
+    and x1 is the Gaussian conditioning α_c x1 + (a σ_c²/σ_n²)(x_n − α_n x1), variance σ_c² b²/σ_n²."""
+    path, s = PATHS[name], PATHS[name].schedule
+    t_noisy, t_clean = torch.tensor(0.3, dtype=F64), torch.tensor(0.45, dtype=F64)
+    a, b2 = path.forward_transition(t_noisy, t_clean)
+    torch.testing.assert_close(a * s.alpha(t_clean), s.alpha(t_noisy))
+    torch.testing.assert_close(a**2 * s.sigma(t_clean) ** 2 + b2, s.sigma(t_noisy) ** 2)
+    g = torch.Generator().manual_seed(2)
+    x, x1 = torch.randn(30, 2, generator=g, dtype=F64), torch.randn(30, 2, generator=g, dtype=F64)
+    mean, std = path.posterior_step(x, x1, t_noisy, t_clean)
+    sigma_c2, sigma_n2 = s.sigma(t_clean) ** 2, s.sigma(t_noisy) ** 2
+    torch.testing.assert_close(mean, s.alpha(t_clean) * x1 + a * sigma_c2 / sigma_n2 * (x - s.alpha(t_noisy) * x1))
+    torch.testing.assert_close(std**2, sigma_c2 * b2 / sigma_n2)

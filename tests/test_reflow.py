@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from fmlab.data.reflow import StoredPairStream
 from fmlab.errors import UserError
-from fmlab.evaluation.reflow_pairs import generate_pairs, load_pairs
 from fmlab.metrics.distances import straightness
 from fmlab.nets import MLP
-from fmlab.objectives import VelocityObjective
+from fmlab.objectives import VelocityField, VelocityObjective
 from fmlab.paths import AffinePath, CondOT, Linear, MarginalOracle
 from fmlab.paths.time_samplers import GridTime
-from fmlab.sampling import ODESolver, VelocityField, path_energy, sample
+from fmlab.reflow.datamodule import StoredPairStream
+from fmlab.reflow.pairs import generate_pairs, load_pairs
+from fmlab.samplers import ODESolver, path_energy, sample
 from tests.conftest import run_cli
 
 MU = torch.tensor([2.0, -1.0], dtype=torch.float64)
@@ -99,7 +99,7 @@ def test_the_2_rectified_flow_trained_on_the_pairs_is_straight_and_one_euler_ste
     path = AffinePath(Linear())
     teacher = VelocityField(GaussianDataField(path), VelocityObjective(), path)
     generate_pairs(teacher, GaussianSource(), ODESolver("dopri5", atol=1e-7, rtol=1e-7), 4096, 1024, tmp_path)
-    x0, x1 = load_pairs(tmp_path)
+    x0, x1 = load_pairs(tmp_path, GaussianSource())
     torch.manual_seed(0)
     student = MLP((2,), width=32, depth=2, activation="silu").double()
     optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
@@ -149,7 +149,7 @@ def test_stored_pairs_reload_exactly_and_a_killed_generation_resumes_without_dup
     report = generate_pairs(VelocityField(exact, VelocityObjective(), path), GaussianSource(), solver, 450, 100,
                             unbroken)  # fmt: skip
     assert report["pair_chunks_made"] == 5  # 4 full chunks and a remainder
-    x0, x1 = load_pairs(unbroken)
+    x0, x1 = load_pairs(unbroken, GaussianSource())
     assert x0.shape == x1.shape == (450, 2)
     torch.testing.assert_close(x0[:100], GaussianSource().eval_source(100, draw=1_000_003, chunk=0))
     direct = sample(VelocityField(exact, VelocityObjective(), path), x0[200:300], solver).samples
@@ -160,11 +160,11 @@ def test_stored_pairs_reload_exactly_and_a_killed_generation_resumes_without_dup
     assert sorted(p.name for p in resumed.glob("chunk_*.pt")) == ["chunk_000000.pt", "chunk_000001.pt"]
     assert not list(resumed.glob(".*partial"))  # the chunk in flight left nothing behind
     with pytest.raises(UserError, match="misses 3 of its 5 chunks"):
-        load_pairs(resumed)
+        load_pairs(resumed, GaussianSource())
     report = generate_pairs(VelocityField(exact, VelocityObjective(), path), GaussianSource(), solver, 450, 100,
                             resumed)  # fmt: skip
     assert report["pair_chunks_made"] == 3
-    y0, y1 = load_pairs(resumed)
+    y0, y1 = load_pairs(resumed, GaussianSource())
     assert torch.equal(y0, x0) and torch.equal(y1, x1)
     assert len(torch.unique(y0, dim=0)) == 450  # no pair twice
     with pytest.raises(UserError, match="holds other reflow pairs"):

@@ -30,10 +30,9 @@ from fmlab.module import FlowModule
 from fmlab.objectives import VelocityObjective
 from fmlab.paths import CondOT
 from fmlab.paths.path import AffinePath
-from fmlab.runs import lock_run_dir, write_metrics
-from fmlab.sampling import ODESolver, SolverError
-from fmlab.table import format_cell, mean_std
-from fmlab.train import optimized_value
+from fmlab.results import format_cell, mean_std
+from fmlab.runs import lock_run_dir, optimized_value, write_metrics
+from fmlab.samplers import ODESolver, SolverError
 from tests.conftest import REPO_ROOT, run_cli
 
 # 2 epochs of 100 steps; checkpoints at 100 and 200
@@ -418,7 +417,7 @@ def test_wandb_disabled_writes_no_run_and_a_rejected_key_falls_back_to_offline(t
 def test_a_checkpoint_from_before_an_option_existed_resumes_but_a_changed_setting_does_not(train_config) -> None:
     from omegaconf import OmegaConf
 
-    from fmlab.train import resume_conflicts
+    from fmlab.runs import resume_conflicts
 
     cfg = train_config("method=otcfm")
     stored = OmegaConf.to_container(cfg, resolve=True)
@@ -431,3 +430,28 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_but_a_changed_settin
     conflicts = resume_conflicts(OmegaConf.to_container(cfg, resolve=True), changed)
     prefix = "fmlab.paths.time_samplers."
     assert ("time_sampler._target_", f"{prefix}UniformTime", f"{prefix}LogitNormalTime") in conflicts
+
+
+def test_a_checkpoint_written_before_classes_moved_resumes_and_rebuilds_its_run(train_config, tmp_path: Path) -> None:
+    """Checkpoints store their config's `_target_`s; those that moved (fmlab.sampling, fmlab.stochastic,
+    fmlab.paths' couplings, fmlab.utils.loggers) are read at their new homes, so an old checkpoint neither
+    conflicts on resume nor fails to rebuild."""
+    from omegaconf import OmegaConf
+
+    from fmlab.runs import MOVED_TARGETS, resume_conflicts, upgrade_config
+
+    cfg = train_config("method=otcfm", "solver=edm_heun")
+    stored = OmegaConf.to_container(cfg, resolve=True)
+    old_names = {new: old for old, new in MOVED_TARGETS.items()}  # the last old name of each class
+    stored["coupling"]["_target_"] = "fmlab.paths.MinibatchOTCoupling"
+    stored["solver"]["_target_"] = "fmlab.stochastic.EDMHeun"
+    stored["logger"]["csv"]["_target_"] = old_names["fmlab.loggers.ResumableCSVLogger"]
+    assert resume_conflicts(stored, cfg) != []  # read as written, the moved targets would conflict
+    upgraded = upgrade_config(stored)
+    assert resume_conflicts(upgraded, cfg) == []
+    assert upgraded["solver"]["_target_"] == "fmlab.samplers.EDMHeun"
+    assert upgraded["logger"]["csv"]["_target_"] == "fmlab.loggers.ResumableCSVLogger"
+    from hydra.utils import instantiate
+
+    for key in ("coupling", "solver"):  # and they build
+        assert type(instantiate(OmegaConf.create(upgraded[key]))).__name__ in upgraded[key]["_target_"]

@@ -7,9 +7,9 @@ import torch
 from torch import Tensor, nn
 
 from fmlab.errors import UserError
-from fmlab.objectives import VelocityObjective
+from fmlab.objectives import VelocityField, VelocityObjective
 from fmlab.paths import AffinePath, CondOT
-from fmlab.sampling import ADAPTIVE_METHODS, FIXED_STEP_METHODS, ODESolver, VelocityField, sample
+from fmlab.samplers import ADAPTIVE_METHODS, FIXED_STEP_METHODS, ODESolver, sample
 
 STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "heun3": 3, "rk4": 4}
 
@@ -84,7 +84,7 @@ class GaussianDataVelocity(nn.Module):
 
 def test_ancestral_sampler_with_exact_noise_prediction_recovers_gaussian_data() -> None:
     from fmlab.paths import VPLinear
-    from fmlab.sampling import AncestralSampler
+    from fmlab.samplers import AncestralSampler
 
     path = AffinePath(VPLinear())
     mean = torch.tensor([1.0, -2.0], dtype=torch.float64)

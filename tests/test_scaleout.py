@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fmlab.utils.cli import CONFIG_DIR
+from fmlab.cli import CONFIG_DIR
 from tests.conftest import REPO_ROOT, run_cli
 from tests.wandb_files import read_run, run_files
 

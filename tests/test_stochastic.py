@@ -10,8 +10,7 @@ from torch import Tensor, nn
 
 from fmlab.errors import UserError
 from fmlab.paths import AffinePath, CondOT, Linear, MarginalOracle, VEGeometric, VPLinear
-from fmlab.sampling import ODESolver, sample
-from fmlab.stochastic import EDMHeun, EulerMaruyama, PredictorCorrector, langevin_step
+from fmlab.samplers import EDMHeun, EulerMaruyama, ODESolver, PredictorCorrector, langevin_step, sample
 
 MU = torch.tensor([1.0, -0.5], dtype=torch.float64)
 COV = torch.tensor([[0.5, 0.2], [0.2, 0.3]], dtype=torch.float64)

@@ -14,19 +14,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fmlab.table import (
-    aggregate,
-    collect_metrics,
-    column_value,
-    cpu_slices,
-    pending_launches,
-    render_markdown,
-    run_pinned,
-    sweep_jobs,
-    threads_per_worker,
-    write_csv,
-)
-from fmlab.utils.cli import CONFIG_DIR
+from fmlab.cli import CONFIG_DIR
+from fmlab.io import write_csv
+from fmlab.launch import Jobs, cpu_slices, pending_launches, sweep_jobs, threads_per_worker
+from fmlab.results import aggregate, collect_metrics, column_value, render_markdown, table_rows
 from tests.conftest import run_cli
 
 
@@ -80,7 +71,7 @@ def test_a_table_csv_that_fails_part_way_keeps_the_previous_file(tmp_path: Path,
     table = table_config("methods2d")
     cells = aggregate(collect_metrics(tmp_path / "sweep"), table.rows, table.columns)
     target = tmp_path / "methods2d.csv"
-    write_csv(target, table, cells)
+    write_csv(target, table_rows(table, cells))
     before = target.read_bytes()
     calls = iter(range(1000))
 
@@ -89,9 +80,9 @@ def test_a_table_csv_that_fails_part_way_keeps_the_previous_file(tmp_path: Path,
             raise OSError("No space left on device")
         return statistics.fmean(values), 0.0
 
-    monkeypatch.setattr("fmlab.table.mean_std", failing_mean_std)
+    monkeypatch.setattr("fmlab.results.mean_std", failing_mean_std)
     with pytest.raises(OSError, match="No space left"):
-        write_csv(target, table, cells)
+        write_csv(target, table_rows(table, cells))
     assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 
 
@@ -106,7 +97,7 @@ def test_published_numbers_sit_beside_the_measured_ones_and_missing_runs_stay_mi
     table = table_config("lipman_table1")
     cells = aggregate(collect_metrics(tmp_path), table.rows, table.columns)
     markdown = render_markdown(table, cells)
-    write_csv(tmp_path / "table.csv", table, cells)
+    write_csv(tmp_path / "table.csv", table_rows(table, cells))
     rows = list(csv.DictReader((tmp_path / "table.csv").open()))
     cifar = next(r for r in rows if r["method"] == "fm_ot" and r["data"] == "cifar10")
     assert (cifar["runs"], cifar["bpd_paper"], cifar["fid_paper"], cifar["nfe_paper"]) == ("2", "2.99", "6.35", "142")
@@ -179,13 +170,13 @@ def test_a_pinned_run_sees_only_its_slice_and_auto_starts_no_loader_worker_on_on
     cpu = sorted(os.sched_getaffinity(0))[-1]
     probe = (
         "import os, json\n"
-        "from fmlab.paths.couplings import MinibatchOTCoupling\n"
+        "from fmlab.couplings import MinibatchOTCoupling\n"
         "from fmlab.data.toy2d import loader_workers\n"
         "print(json.dumps([sorted(os.sched_getaffinity(0)), loader_workers('auto', MinibatchOTCoupling())]))"
     )
     out = tmp_path / "probe.json"
     with out.open("w") as stream:
-        assert run_pinned([sys.executable, "-c", probe], [cpu], stdout=stream) == 0
+        assert Jobs().run([sys.executable, "-c", probe], [cpu], stdout=stream) == 0
     assert json.loads(out.read_text()) == [[cpu], 0]
 
 

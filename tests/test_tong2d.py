@@ -15,6 +15,8 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
+from fmlab.cli import compose_train_config
+from fmlab.couplings import MinibatchOTCoupling
 from fmlab.data.tong2d import (
     SPLIT,
     TongDataModule,
@@ -26,10 +28,9 @@ from fmlab.data.tong2d import (
     tong_scurve,
 )
 from fmlab.metrics.distances import normalized_path_energy, wasserstein2
+from fmlab.objectives import VelocityField
 from fmlab.paths import AffinePath, Linear
-from fmlab.paths.couplings import MinibatchOTCoupling
-from fmlab.sampling import ODESolver, VelocityField, path_energy
-from fmlab.utils.config import compose_train_config
+from fmlab.samplers import ODESolver, path_energy
 from tests.conftest import REPO_ROOT, run_cli
 
 N = sum(SPLIT)

@@ -1,4 +1,5 @@
-"""The process group as evaluation sees it: rank, world size, and a gather that is exact under DDP.
+"""Processes and CPUs: rank, world size and a gather that is exact under DDP, Lightning Fabric for the evaluation
+entry point, and the CPUs a process may use.
 
 Evaluation spreads fixed chunks of work over the ranks and gathers the results in chunk order, so every metric
 is the same number whatever the number of processes (see `gather_chunks`).
@@ -6,6 +7,7 @@ is the same number whatever the number of processes (see `gather_chunks`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -75,3 +77,23 @@ def gather_chunks(results: dict[int, Tensor], sizes: list[int], ranks: Ranks, li
         padded[chunk // world, : sizes[chunk]] = value
     gathered = ranks.gather(padded)  # (world, slots, max size, ...)
     return torch.cat([gathered[c % world, c // world, : sizes[c]] for c in range(num_chunks)])
+
+
+def own_cpus() -> list[int]:
+    """The CPUs this process may run on: its affinity set where the OS has one (a scheduler, `taskset` or
+    `fmlab.table workers=N` narrows it to the process's share), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def make_fabric(trainer_cfg: Any) -> Any:
+    """Lightning Fabric for the processes a `trainer` config names (accelerator, devices, strategy, nodes)."""
+    import lightning as L
+
+    return L.Fabric(
+        accelerator=trainer_cfg.get("accelerator", "cpu"),
+        devices=trainer_cfg.get("devices", 1),
+        strategy=trainer_cfg.get("strategy") or "auto",
+        num_nodes=trainer_cfg.get("num_nodes", 1),
+    )

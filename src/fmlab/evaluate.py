@@ -1,9 +1,10 @@
 """Evaluation entry point: `python -m fmlab.evaluate ckpt_path=<run dir or .ckpt> [solver=...] [eval.*=...]`.
 
-load the run → check the solver fits its path → launch the processes (Lightning Fabric) → evaluate (the engine in
-`fmlab.evaluation`) → write metrics.json in this job's run dir. `sweep=nfe` evaluates the checkpoint across solvers
-and step counts instead and writes nfe_sweep.csv and nfe_sweep.png (quality against NFE, Lipman et al. 2023, Fig. 7);
-`sweep=guidance` across classifier-free guidance scales (guidance_sweep.csv and .png).
+build (`fmlab.build.build_evaluation`: the run and the evaluation, checked before the run dir exists) → launch the
+processes (Lightning Fabric) → evaluate (the engine in `fmlab.evaluation`) → write metrics.json in this job's run
+dir. `sweep=nfe` evaluates the checkpoint across samplers and step counts instead and writes nfe_sweep.csv and
+nfe_sweep.png (quality against NFE, Lipman et al. 2023, Fig. 7); `sweep=guidance` across classifier-free guidance
+scales (guidance_sweep.csv and .png).
 """
 
 from __future__ import annotations
@@ -15,46 +16,27 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from fmlab.errors import UserError, choices_error, exit_on_user_error
-from fmlab.utils.cli import CONFIG_PATH, run_entry_point
-
-SWEEP_KINDS = ("nfe", "guidance")
-
-
-def make_fabric(trainer_cfg: DictConfig):
-    import lightning as L
-
-    return L.Fabric(
-        accelerator=trainer_cfg.get("accelerator", "cpu"),
-        devices=trainer_cfg.get("devices", 1),
-        strategy=trainer_cfg.get("strategy") or "auto",
-        num_nodes=trainer_cfg.get("num_nodes", 1),
-    )
+from fmlab.build import build_evaluation, preflight_evaluation
+from fmlab.cli import CONFIG_PATH, quiet_third_party_output, run_entry_point
+from fmlab.errors import exit_on_user_error
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt_path` as `cfg` says; returns the metrics (also in <output_dir>/metrics.json). Raises
     `UserError` on bad input."""
-    if not cfg.get("ckpt_path"):
-        raise UserError("ckpt_path is required: python -m fmlab.evaluate ckpt_path=<run dir or .ckpt file>")
     import torch
-    from hydra.utils import instantiate
 
-    from fmlab.distributed import Ranks, end_process_group
-    from fmlab.evaluation import nfe_sweep, sweep_solvers
-    from fmlab.evaluation.guidance_sweep import guidance_sweep, plot_guidance_sweep
-    from fmlab.evaluation.nfe_sweep import plot_nfe_sweep, write_rows
-    from fmlab.runs import load_run, write_metrics
-    from fmlab.utils.console import quiet_third_party_output
+    from fmlab.distributed import Ranks, end_process_group, make_fabric
+    from fmlab.evaluation import guidance_sweep, nfe_sweep
+    from fmlab.io import write_csv
+    from fmlab.plotting import plot_guidance_sweep, plot_nfe_sweep
+    from fmlab.runs import write_metrics
 
     if (cfg.get("extras") or {}).get("ignore_warnings", True):
         quiet_third_party_output()
     started = time.perf_counter()
-    run = load_run(cfg.ckpt_path, cfg.use_ema)
-    if cfg.eval.num_samples is None:  # default: as many samples as the run evaluated with
-        cfg.eval.num_samples = run.config.eval.num_samples
-    evaluator = instantiate(cfg.eval)  # a bad eval.* or solver.* value fails here, before any process starts
-    evaluator.solver.check_path(run.module.path)
+    built = build_evaluation(cfg)
+    run, evaluator = built.run, built.evaluator
     fabric = make_fabric(cfg.trainer)
     fabric.launch()
     torch.manual_seed(cfg.seed)
@@ -69,32 +51,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "seed": run.config.seed,
         "ema": bool(cfg.use_ema),
     }
-    if cfg.get("sweep"):
-        sweep = cfg.sweep
-        solvers = sweep_solvers(
-            sweep.fixed_step_methods,
-            sweep.num_steps,
-            sweep.adaptive_methods,
-            sweep.tolerances,
-            sweep.get("stochastic_methods", []),
-            sweep.get("stochastic_num_steps", []),
-        )
-        evaluator.num_draws, evaluator.nll_samples = sweep.num_draws, 0
+    if built.sweep_kind is not None:
+        evaluator.num_draws, evaluator.nll_samples = cfg.sweep.num_draws, 0
         subject = f"({metrics['method']} on {metrics['data']}, step {run.step})"
-        kind = sweep.get("kind", "nfe")
-        if kind not in SWEEP_KINDS:
-            raise choices_error("sweep.kind", kind, SWEEP_KINDS)
-        if kind == "guidance":
-            scales = list(sweep.guidance_scales)
-            rows = guidance_sweep(evaluator, run.velocity_field(), run.datamodule, solvers, scales, ranks)
+        field = run.velocity_field()
+        if built.sweep_kind == "guidance":
+            scales = list(cfg.sweep.guidance_scales)
+            rows = guidance_sweep(evaluator, field, run.datamodule, built.samplers, scales, ranks)
             plot = plot_guidance_sweep
         else:
-            rows = nfe_sweep(evaluator, run.velocity_field(), run.datamodule, solvers, ranks)
+            rows = nfe_sweep(evaluator, field, run.datamodule, built.samplers, ranks)
             plot = plot_nfe_sweep
         if ranks.rank == 0:
-            write_rows(output_dir / f"{kind}_sweep.csv", rows)
-            plot(rows, output_dir / f"{kind}_sweep.png", subject)
-        metrics[f"{kind}_sweep"] = rows
+            write_csv(output_dir / f"{built.sweep_kind}_sweep.csv", rows)
+            plot(rows, output_dir / f"{built.sweep_kind}_sweep.png", subject)
+        metrics[f"{built.sweep_kind}_sweep"] = rows
     else:
         metrics.update(evaluator.evaluate(run.velocity_field(), run.datamodule, ranks))
     metrics["wall_seconds"] = time.perf_counter() - started
@@ -111,7 +82,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    run_entry_point(hydra_main, "evaluate")
+    run_entry_point(hydra_main, "evaluate", preflight_evaluation)
 
 
 if __name__ == "__main__":

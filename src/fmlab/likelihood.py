@@ -3,7 +3,8 @@
     log p_1(x_1) = log p_0(x_0) − ∫_0^1 div v_t(x_t) dt,
 
 seed 004 (CNF likelihood) and Chen et al. 2018, Thm. 1: the state (x, ℓ) with dx/dt = v_t(x), dℓ/dt = div v_t(x) is
-integrated from t_max (the data, ℓ = 0) back to t_min, where x is scored under the path's prior N(0, σ_{t_min}² I).
+integrated from t_max (the data, ℓ = 0) back to t_min, where x is scored under the path's prior N(0, σ_{t_min}² I)
+(`AffinePath.prior_log_prob`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from fmlab.errors import choices_error
-from fmlab.sampling import ODESolver, VelocityField
+from fmlab.objectives import VelocityField
+from fmlab.samplers import ODESolver
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -58,13 +60,6 @@ class AugmentedField(nn.Module):
         return velocity.detach(), divergence.detach()
 
 
-def gaussian_log_prob(x: Tensor, std: float | Tensor) -> Tensor:
-    """log N(x; 0, std² I), summed over the non-batch dimensions."""
-    d = x[0].numel()
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
-    return -0.5 * (x / std).pow(2).flatten(1).sum(1) - d * (torch.log(std) + 0.5 * math.log(2 * math.pi))
-
-
 @dataclass
 class LikelihoodResult:
     log_prob: Tensor  # log p_1(x) per sample, in nats
@@ -101,8 +96,7 @@ def log_likelihood(
     augmented = AugmentedField(field, divergence, probes)
     start = (x1, torch.zeros(x1.shape[0], dtype=x1.dtype, device=x1.device))
     x0, delta = solver.integrate(augmented, start, path.t_max, path.t_min)
-    prior_std = path.schedule.sigma(torch.tensor(path.t_min, dtype=x1.dtype))
-    return LikelihoodResult(log_prob=gaussian_log_prob(x0, prior_std) + delta, nfe=field.nfe, prior_point=x0)
+    return LikelihoodResult(log_prob=path.prior_log_prob(x0) + delta, nfe=field.nfe, prior_point=x0)
 
 
 def importance_weighted_log_prob(log_probs: Tensor) -> Tensor:

@@ -11,10 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from fmlab.errors import UserError
-from fmlab.objectives import Objective
+from fmlab.objectives import Objective, VelocityField
 from fmlab.paths.path import AffinePath
 from fmlab.paths.time_samplers import TimeSampler, UniformTime
-from fmlab.sampling import VelocityField
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -75,23 +74,26 @@ class FlowModule(L.LightningModule):
         self.p_uncond = float(p_uncond)
         self._loss_sum = torch.zeros(())
         self._loss_count = 0
+        self.logged_loss: float | None = None  # the mean loss of the last logged window
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> FlowModule:
+    def from_config(cls, cfg: DictConfig, make: Callable[[str], Any] | None = None) -> FlowModule:
         """The system a run's config describes: `net` (with the `performance` switches), `path`, `objective`,
-        `time_sampler`, `optimizer`, `scheduler` (the `coupling` goes to the datamodule)."""
+        `time_sampler`, `optimizer`, `scheduler` (the `coupling` goes to the datamodule). `make(key)` builds the
+        config node at `key` (default: Hydra's `instantiate`; `fmlab.build` passes one that names a bad key)."""
         from hydra.utils import instantiate
 
-        from fmlab.utils.performance import configure_throughput
+        from fmlab.nets.performance import configure_throughput
 
-        net = configure_throughput(instantiate(cfg.net), **(cfg.get("performance") or {}))
+        make = make or (lambda key: instantiate(cfg[key]))
+        net = configure_throughput(make("net"), **(cfg.get("performance") or {}))
         return cls(
             net=net,
-            path=instantiate(cfg.path),
-            objective=instantiate(cfg.objective),
-            time_sampler=instantiate(cfg.time_sampler) if cfg.get("time_sampler") else None,
-            optimizer=instantiate(cfg.optimizer),
-            scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+            path=make("path"),
+            objective=make("objective"),
+            time_sampler=make("time_sampler") if cfg.get("time_sampler") else None,
+            optimizer=make("optimizer"),
+            scheduler=make("scheduler") if cfg.get("scheduler") else None,
             scheduler_interval=cfg.scheduler_interval,
             p_uncond=float((cfg.get("conditioning") or {}).get("p_uncond", 0.0)),
         )
@@ -142,19 +144,30 @@ class FlowModule(L.LightningModule):
         self._loss_count += 1
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         if every and (self.global_step + 1) % every == 0:
-            self.log("train/loss", self._loss_sum / self._loss_count, prog_bar=True, batch_size=1)
+            mean = self._loss_sum / self._loss_count
+            self.log("train/loss", mean, prog_bar=True, batch_size=1)
+            self.logged_loss = float(mean)
             self._loss_sum = torch.zeros((), device=loss.device)
             self._loss_count = 0
 
+    def train_loss(self) -> float | None:
+        """What metrics.json reports as the training loss: the mean of the last logged window, or of every step so
+        far when the run took fewer steps than one window (None before any step)."""
+        if self.logged_loss is not None:
+            return self.logged_loss
+        return float(self._loss_sum / self._loss_count) if self._loss_count else None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the running loss of the steps since the last logged one, so a run resumed between two logging steps
-        logs the same mean as an unbroken run."""
-        checkpoint["running_loss"] = {"sum": self._loss_sum.detach().cpu().clone(), "count": self._loss_count}
+        logs the same mean as an unbroken run, and the last logged mean, which a resumed run reports."""
+        checkpoint["running_loss"] = {"sum": self._loss_sum.detach().cpu().clone(), "count": self._loss_count,
+                                      "logged": self.logged_loss}  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         running = checkpoint.get("running_loss")
         if running is not None:
             self._loss_sum, self._loss_count = running["sum"].clone(), int(running["count"])
+            self.logged_loss = running.get("logged")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())

@@ -1,11 +1,12 @@
 """The run-dir contract: what a run leaves on disk (metrics.json, what tables and notebooks read; the config digest;
-checkpoints carrying their config), how a run is loaded back (`load_run`) or resumed in place (`resume_arguments`),
-and the lock that keeps two runs out of one run dir."""
+checkpoints carrying their config), how a run is loaded back (`load_run`) or resumed in place (`resume_arguments`,
+`check_resume`), and the lock that keeps two runs out of one run dir."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from fmlab.errors import UserError, first_detail
+from fmlab.io import write_json
 
 if TYPE_CHECKING:
     from torch import nn
 
     from fmlab.data.interface import EvaluationData
     from fmlab.module import FlowModule
+    from fmlab.objectives import VelocityField
 
 METRICS_FILE = "metrics.json"
 LOCK_FILE = ".fmlab.lock"
@@ -35,31 +38,13 @@ def config_digest(config: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write_atomically(target: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `target` whole or not at all: a temp file beside it, flushed to disk, then renamed over it.
-    On failure (a full disk) the temp file is removed and `target` keeps what it held."""
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        with partial.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        partial.replace(target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
 def write_metrics(output_dir: str | Path, metrics: dict[str, Any]) -> Path:
     """Write `metrics.json` atomically. It only grows: keys of the file already there that `metrics` lacks are kept
     (a resumed run that measures less never erases what was measured before)."""
     target = Path(output_dir) / METRICS_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     previous = read_metrics(target.parent) if target.is_file() else {}
-    merged = {**previous, **metrics}
-    text = json.dumps(merged, indent=2, sort_keys=True, default=str) + "\n"
-    write_atomically(target, text.encode())
-    return target
+    return write_json(target, {**previous, **metrics})
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any]:
@@ -70,7 +55,7 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
 CHECKPOINT_KEY = "fmlab"
 
 
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False, name: str = "ckpt_path") -> dict[str, Any]:
     """A Lightning checkpoint written by `fmlab.train`, or a one-line error saying what is wrong with the file.
 
     `mmap=True` maps the tensors instead of reading them: cheap when only the metadata is needed.
@@ -79,22 +64,22 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"ckpt_path={path} does not exist; give the path of a .ckpt file")
+        raise UserError(f"{name}={path} does not exist; give the path of a .ckpt file or a run dir")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as error:
-        raise UserError(f"ckpt_path={path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+        raise UserError(f"{name}={path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"ckpt_path={path} is not a Lightning checkpoint (it has no state_dict)")
+        raise UserError(f"{name}={path} is not a Lightning checkpoint (it has no state_dict)")
     return checkpoint
 
 
-def run_checkpoint(run_dir: str | Path) -> Path:
+def run_checkpoint(run_dir: str | Path, name: str = "ckpt_path") -> Path:
     """<run dir>/checkpoints/last.ckpt, or a one-line error when the run saved none."""
     checkpoint = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not checkpoint.exists():
         raise UserError(
-            f"ckpt_path={run_dir} is a directory without checkpoints/last.ckpt (the run saved no checkpoint); "
+            f"{name}={run_dir} is a directory without checkpoints/last.ckpt (the run saved no checkpoint); "
             "give a run dir that saved one, or a .ckpt file"
         )
     return checkpoint
@@ -136,15 +121,52 @@ def is_launching_process() -> bool:
     return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
 
-def run_config(checkpoint: dict[str, Any], path: str | Path) -> DictConfig:
-    """The training config of a checkpoint: stored in it, or (older files) the run dir's .hydra/config.yaml."""
+# classes that moved since a checkpoint was written: its stored config builds them from their new homes
+MOVED_TARGETS = {
+    "fmlab.sampling.ODESolver": "fmlab.samplers.ODESolver",
+    "fmlab.sampling.AncestralSampler": "fmlab.samplers.AncestralSampler",
+    "fmlab.stochastic.EulerMaruyama": "fmlab.samplers.EulerMaruyama",
+    "fmlab.stochastic.PredictorCorrector": "fmlab.samplers.PredictorCorrector",
+    "fmlab.stochastic.EDMHeun": "fmlab.samplers.EDMHeun",
+    "fmlab.paths.IndependentCoupling": "fmlab.couplings.IndependentCoupling",
+    "fmlab.paths.MinibatchOTCoupling": "fmlab.couplings.MinibatchOTCoupling",
+    "fmlab.paths.couplings.IndependentCoupling": "fmlab.couplings.IndependentCoupling",
+    "fmlab.paths.couplings.MinibatchOTCoupling": "fmlab.couplings.MinibatchOTCoupling",
+    "fmlab.paths.couplings.ReflowCoupling": "fmlab.reflow.ReflowCoupling",
+    "fmlab.utils.loggers.ResumableCSVLogger": "fmlab.loggers.ResumableCSVLogger",
+    "fmlab.utils.loggers.wandb_logger": "fmlab.loggers.wandb_logger",
+}
+
+
+def upgrade_config(node: Any) -> Any:
+    """A stored config with every moved `_target_` rewritten to its new home (`MOVED_TARGETS`)."""
+    if isinstance(node, dict):
+        return {
+            key: MOVED_TARGETS.get(value, value)
+            if key == "_target_" and isinstance(value, str)
+            else upgrade_config(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [upgrade_config(value) for value in node]
+    return node
+
+
+def stored_config(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The resolved config a checkpoint carries, upgraded to today's targets; None for files from before."""
     stored = checkpoint.get(CHECKPOINT_KEY, {}).get("config")
+    return upgrade_config(stored) if stored is not None else None
+
+
+def run_config(checkpoint: dict[str, Any], path: str | Path, name: str = "ckpt_path") -> DictConfig:
+    """The training config of a checkpoint: stored in it, or (older files) the run dir's .hydra/config.yaml."""
+    stored = stored_config(checkpoint)
     if stored is not None:
         return OmegaConf.create(stored)
     saved = Path(path).resolve().parent.parent / ".hydra" / "config.yaml"
     if saved.is_file():
-        return OmegaConf.load(saved)
-    raise UserError(f"ckpt_path={path} carries no fmlab config and {saved} does not exist; cannot rebuild the run")
+        return OmegaConf.create(upgrade_config(OmegaConf.to_container(OmegaConf.load(saved))))
+    raise UserError(f"{name}={path} carries no fmlab config and {saved} does not exist; cannot rebuild the run")
 
 
 def ema_weights(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
@@ -165,15 +187,16 @@ class LoadedRun:
     config: DictConfig
     step: int
 
-    def velocity_field(self):
+    def velocity_field(self) -> VelocityField:
         """The PF-ODE drift of `net`: what samplers, the likelihood and the Evaluator take."""
         return self.module.velocity_field(self.net)
 
 
-def load_run(path: str | Path, use_ema: bool = True) -> LoadedRun:
+def load_run(path: str | Path, use_ema: bool = True, name: str = "ckpt_path") -> LoadedRun:
     """Rebuild a run from a checkpoint file or a run dir (its checkpoints/last.ckpt) alone: the config stored in the
     checkpoint builds the module and the datamodule, the weights are loaded, and `net` carries the EMA weights when
-    `use_ema` and the run kept them. Raises `UserError` with one line for anything wrong with the file."""
+    `use_ema` and the run kept them. Raises `UserError` with one line (naming `name`, the setting that gave the
+    path) for anything wrong with the file."""
     import copy
 
     from hydra.utils import instantiate
@@ -181,14 +204,14 @@ def load_run(path: str | Path, use_ema: bool = True) -> LoadedRun:
     from fmlab.module import FlowModule
 
     if Path(path).is_dir():
-        path = run_checkpoint(path)
-    checkpoint = load_checkpoint(path)
-    config = run_config(checkpoint, path)
+        path = run_checkpoint(path, name)
+    checkpoint = load_checkpoint(path, name=name)
+    config = run_config(checkpoint, path, name)
     module = FlowModule.from_config(config)
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
-        raise UserError(f"ckpt_path={path} does not match the net its config builds: {first_detail(error)}") from None
+        raise UserError(f"{name}={path} does not match the net its config builds: {first_detail(error)}") from None
     net = module.net
     weights = ema_weights(checkpoint) if use_ema else None
     if weights is not None:
@@ -218,3 +241,91 @@ def resume_arguments(args: list[str], runs_dir: Path = Path("outputs/train/runs"
     given = [a for a in args if not a.startswith("ckpt_path=")]
     print(f"fmlab: resuming {run_dir} from {checkpoint.resolve().name}", flush=True)
     return [*keep, *given, f"ckpt_path={checkpoint.resolve()}", f"hydra.run.dir={run_dir}"]
+
+
+# what a resumed run cannot change: the run's model, its training data and its optimiser and schedule, whose states
+# come from the checkpoint (Lightning would restore the old ones over the new values without a word)
+RESUME_FIXED_KEYS = ("method", "net", "path", "schedule", "objective", "coupling", "time_sampler", "conditioning",
+                     "data", "optimizer", "scheduler", "scheduler_interval", "seed")  # fmt: skip
+# settings of those groups that only say where data lives or how it is evaluated
+RESUME_FREE_KEYS = ("data.num_eval_samples", "data.num_workers", "data.data_dir")
+
+
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}.{key}").items()}
+    return {prefix: node}
+
+
+def resume_conflicts(stored: dict[str, Any], cfg: DictConfig) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every setting in RESUME_FIXED_KEYS that differs."""
+    conflicts = []
+    for group in RESUME_FIXED_KEYS:
+        if group not in stored:  # a group this checkpoint's fmlab did not have yet: it ran as the default
+            continue
+        current = OmegaConf.to_container(cfg[group], resolve=True) if isinstance(cfg.get(group), DictConfig) else None
+        old = _flat(stored.get(group), group)
+        new = _flat(current if current is not None else cfg.get(group), group)
+        # options added to (or dropped from) a group since the checkpoint was written are not compared
+        both = isinstance(stored.get(group), dict) and isinstance(current, dict)
+        for key in sorted(old.keys() & new.keys() if both else old.keys() | new.keys()):
+            if key not in RESUME_FREE_KEYS and old.get(key, "<unset>") != new.get(key, "<unset>"):
+                conflicts.append((key, old.get(key, "<unset>"), new.get(key, "<unset>")))
+    return conflicts
+
+
+def check_resume(cfg: DictConfig) -> int:
+    """A resumed run continues the checkpoint's run: refuse settings it would ignore or could not load, and a
+    checkpoint already past `trainer.max_steps`. Returns the checkpoint's step."""
+    checkpoint = load_checkpoint(cfg.ckpt_path, mmap=True)  # mapped, not read: Lightning reads it when it restores
+    step = int(checkpoint.get("global_step", 0))
+    if step > cfg.trainer.max_steps:
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} is at step {step}, beyond trainer.max_steps={cfg.trainer.max_steps}; "
+            f"give trainer.max_steps >= {step}, or evaluate it with python -m fmlab.evaluate"
+        )
+    stored = stored_config(checkpoint)
+    conflicts = resume_conflicts(stored, cfg) if stored is not None else []
+    if conflicts:
+        listed = "; ".join(f"{key}: {old} in the checkpoint, {new} now" for key, old, new in conflicts[:4])
+        listed += f"; and {len(conflicts) - 4} more" if len(conflicts) > 4 else ""
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} cannot resume with other settings ({listed}): a resumed run keeps the "
+            "checkpoint's model, data, optimiser and schedule; drop these overrides or start a new run"
+        )
+    return step
+
+
+def wandb_run_id(cfg: DictConfig) -> str | None:
+    """The W&B run a resumed run's checkpoint logged into (stored by `RunConfigInCheckpoint`), if any."""
+    if cfg.get("ckpt_path") is None:
+        return None
+    return load_checkpoint(cfg.ckpt_path, mmap=True).get(CHECKPOINT_KEY, {}).get("wandb_id")
+
+
+def check_new_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """A new run never overwrites another run's checkpoints: a run dir holding one is resumed, not reused."""
+    if cfg.get("ckpt_path") is None and (run_dir / "checkpoints" / "last.ckpt").exists():
+        raise UserError(
+            f"hydra.run.dir={run_dir} already holds a run (checkpoints/last.ckpt); resume it with "
+            f"ckpt_path={run_dir}, or choose another run dir"
+        )
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any], direction: str | None = None) -> float | None:
+    """The metric a sweeper optimises. A diverged run, or one whose evaluation failed, gets the worst value for
+    `direction` (+inf when minimising, -inf when maximising; NaN when unknown), never a number that looks good:
+    Optuna ranks such a trial last and the search goes on."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    value = metrics.get(name)
+    if not metrics.get("diverged") and isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return {"minimize": math.inf, "maximize": -math.inf}.get(str(direction).lower(), math.nan)
+
+
+def job_overrides(job_dir: Path) -> list[str]:
+    """The command-line overrides Hydra recorded for the run in `job_dir` (`.hydra/overrides.yaml`)."""
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []

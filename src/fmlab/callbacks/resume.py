@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import signal
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmlab.errors import UserError
-from fmlab.runs import write_atomically
+from fmlab.io import write_atomically
 from fmlab.seeding import stream_seed
 
 SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
@@ -102,6 +105,50 @@ class CheckpointOnSigterm(L.Callback):
             last.unlink()
         os.symlink(target.name, last)
         print(f"fmlab: SIGTERM: saved {target}; resume with ckpt_path={directory.parent}", flush=True)
+
+
+class TrainingClock(L.Callback):
+    """The wall time of training, `seconds`: from the start of `fit` (loader workers' start-up included) to the end
+    of training, summed over a resumed run's segments (kept in checkpoints)."""
+
+    def __init__(self) -> None:
+        self.before = 0.0  # seconds of the segments before this one
+        self._started: float | None = None
+        self._ended: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        if self._started is None:
+            return self.before
+        return self.before + ((self._ended or time.perf_counter()) - self._started)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started, self._ended = time.perf_counter(), None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ended = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict["seconds"])
+
+
+@contextmanager
+def sigint_as_sigterm():
+    """Within the block Ctrl-C (SIGINT) does what SIGTERM does: Lightning notes it and `CheckpointOnSigterm` saves
+    the step in progress, so an interrupted run resumes exactly instead of losing its steps since the last
+    checkpoint."""
+
+    def forward(signum: int, frame: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGINT, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class StopOnNonFiniteLoss(L.Callback):

@@ -1,47 +1,17 @@
-"""SampleLogger: a picture of what the model generates: a 2D scatter with a few ODE trajectories over the data, or
-an image grid."""
+"""SampleLogger: a picture of what the model generates (`fmlab.plotting`): a 2D scatter with a few ODE trajectories
+over the data, or an image grid."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
-import matplotlib.pyplot as plt  # no backend forced: headless runs get Agg, notebooks their inline backend
 import torch
-from torch import Tensor
 
 from fmlab.callbacks.ema import sampling_net
-from fmlab.runs import write_atomically
-from fmlab.sampling import ODEResult, ODESolver, sample
-
-
-def plot_2d_samples(data: Tensor, result: ODEResult, num_trajectories: int, title: str):
-    """Held-out data (grey), generated samples (blue) and `num_trajectories` ODE paths from source (black) on."""
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
-    ax.scatter(data[:, 0], data[:, 1], s=2, c="0.7", label="data")
-    ax.scatter(result.samples[:, 0], result.samples[:, 1], s=2, c="tab:blue", alpha=0.6, label="samples")
-    if result.trajectory is not None and num_trajectories > 0:
-        paths = result.trajectory[:, :num_trajectories].cpu()
-        ax.plot(paths[..., 0], paths[..., 1], c="olive", lw=0.6, alpha=0.8)
-        ax.scatter(paths[0, :, 0], paths[0, :, 1], s=6, c="black", label="source")
-    ax.set_title(title, fontsize=9)
-    ax.set_aspect("equal")
-    ax.legend(loc="upper right", fontsize=7, markerscale=3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_image_grid(images: Tensor, title: str, columns: int = 16):
-    """A grid of [-1, 1] images (grey or RGB)."""
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.detach().cpu().clamp(-1, 1), nrow=columns, normalize=True, value_range=(-1, 1), padding=1)
-    fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[1] / grid.shape[2] + 0.4), dpi=120)
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    fig.tight_layout()
-    return fig
+from fmlab.io import save_figure, write_atomically
+from fmlab.plotting import plot_2d_samples, plot_image_grid
+from fmlab.samplers import Sampler, sample
 
 
 class SampleLogger(L.Callback):
@@ -52,7 +22,7 @@ class SampleLogger(L.Callback):
 
     def __init__(
         self,
-        solver: ODESolver,
+        solver: Sampler,
         output_dir: str,
         every_n_steps: int = 0,
         num_samples: int = 1000,
@@ -100,8 +70,7 @@ class SampleLogger(L.Callback):
             fig = plot_2d_samples(datamodule.held_out(self.num_samples), result, self.num_trajectories, title)
         target = self.output_dir / "samples" / f"{name}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(target)
-        plt.close(fig)
+        save_figure(fig, target)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[str(target)], step=trainer.global_step)

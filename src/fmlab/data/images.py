@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fmlab.data.toy2d import PairStream, PairStreamDataModule, loader_workers
+from fmlab.couplings import IndependentCoupling
+from fmlab.data.streams import PairStream, PairStreamDataModule, loader_workers
 from fmlab.errors import UserError, first_detail
-from fmlab.paths.couplings import IndependentCoupling
 from fmlab.seeding import seeded_generator
 
 

@@ -21,9 +21,9 @@ from sklearn import datasets as sklearn_datasets
 from torch import Tensor
 from torch.utils.data import DataLoader, random_split
 
-from fmlab.data.toy2d import PairStream, PairStreamDataModule, loader_workers
+from fmlab.couplings import Coupling, IndependentCoupling
+from fmlab.data.streams import PairStream, PairStreamDataModule, loader_workers
 from fmlab.errors import UserError, choices_error
-from fmlab.paths.couplings import Coupling, IndependentCoupling
 from fmlab.seeding import seeded_generator
 
 # the runner's split sizes and the seed of its random_split generator

@@ -1,4 +1,4 @@
-"""2D toy distributions as vectorised torch samplers, and the datamodule that streams (source, data) pairs.
+"""2D toy distributions as vectorised torch samplers, and their datamodule.
 
 Definitions follow the papers' code so figures compare: `moons` and `8gaussians` as in TorchCFM's tutorial
 (Tong et al. 2024), `scurve` as in its 2D experiments, the rest as in FFJORD (Grathwohl et al. 2019).
@@ -7,25 +7,14 @@ Definitions follow the papers' code so figures compare: `moons` and `8gaussians`
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Iterator
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
 
+from fmlab.couplings import IndependentCoupling
+from fmlab.data.streams import LabelledSampler, PairStream, PairStreamDataModule, Sampler, loader_workers
 from fmlab.errors import UserError, choices_error
-from fmlab.paths.couplings import Coupling, IndependentCoupling
 from fmlab.seeding import seeded_generator
-from fmlab.utils.cpus import own_cpus
-
-Sampler = Callable[[int, torch.Generator], Tensor]
-# a sampler that also returns each point's class (long tensor): the labels of conditioning=class
-LabelledSampler = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
-
-# PairStream splits its batches between loader workers itself, so its __len__ is exact; Lightning warns regardless.
-warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
 
 
 def _uniform(n: int, g: torch.Generator, *shape: int) -> Tensor:
@@ -158,135 +147,6 @@ def get_distribution(name: str, role: str = "data.target") -> Sampler:
     if name not in DISTRIBUTIONS:
         raise choices_error(role, name, DISTRIBUTIONS)
     return DISTRIBUTIONS[name]
-
-
-class PairStream(IterableDataset):
-    """An endless stream of coupled (x0, x1) batches cut into epochs of `batches_per_epoch` batches.
-
-    Batch i (counted over the whole run) is drawn from its own generator seeded by (seed, rank, i) and coupled by
-    `coupling` with a generator seeded by (seed, "coupling", rank, i), so it is a pure function of (seed, rank, i):
-    each DDP rank draws its own data, loader workers (which take every `num_workers`-th batch, in order) change
-    nothing, and a run resumed at step k draws exactly the batches k, k + 1, ... of an unbroken run (the datamodule
-    saves the step in checkpoints). An epoch's iterator ends at the next multiple of `batches_per_epoch`, so an
-    epoch resumed half-way yields only its remaining batches.
-    A `target` that returns (points, labels) (a `LabelledSampler`) makes the batches (x0, x1, labels).
-    """
-
-    def __init__(self, source: Sampler, target: Sampler | LabelledSampler, batch_size: int, batches_per_epoch: int,
-                 seed: int) -> None:  # fmt: skip
-        self.source, self.target = source, target
-        self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
-        self.coupling: Coupling = IndependentCoupling()
-        self.rank = 0
-        self.next_index = 0
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def shard(self, rank: int, world_size: int) -> None:
-        """Make the batches of DDP rank `rank` of `world_size`."""
-        self.rank = rank
-
-    def draw(self, index: int) -> tuple[Tensor, ...]:
-        """Batch `index` as sampled, before the coupling."""
-        g = seeded_generator(self.seed, "train", self.rank, index)
-        x0, target = self.source(self.batch_size, g), self.target(self.batch_size, g)
-        return (x0, *target) if isinstance(target, tuple) else (x0, target)
-
-    def batch(self, index: int) -> tuple[Tensor, ...]:
-        """Batch `index` coupled: what the training step gets."""
-        return self.coupling(*self.draw(index), generator=seeded_generator(self.seed, "coupling", self.rank, index))
-
-    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        start = self.next_index
-        end = (start // self.batches_per_epoch + 1) * self.batches_per_epoch
-        for index in range(start + worker, end, workers):
-            self.next_index = index + 1
-            yield self.batch(index)
-        self.next_index = end
-
-
-# loader workers "auto" starts at most, for a coupling that solves OT per batch: enough to keep up with a step that
-# costs a third of one OT solve (2D MLP steps ~2 ms, exact OT of 256 points ~5 ms)
-AUTO_OT_WORKERS = 4
-
-
-def available_cpus() -> int:
-    """How many CPUs this process may run on (its affinity set: its share under a scheduler or a table)."""
-    return len(own_cpus())
-
-
-def loader_workers(num_workers: int | str, coupling: Coupling, cpus: int | None = None) -> int:
-    """`data.num_workers`: a count, or "auto": for a coupling that solves a problem per batch (minibatch OT), one
-    worker per spare CPU of the process's share (`cpus`, default all available) up to `AUTO_OT_WORKERS`, so the OT
-    runs beside the training step on the other cores; none otherwise (a worker costs more in inter-process copies
-    than it saves on a 2D batch draw)."""
-    if num_workers == "auto":
-        cpus = available_cpus() if cpus is None else cpus
-        return min(AUTO_OT_WORKERS, cpus - 1) if coupling.solves_per_batch else 0
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise UserError(f"data.num_workers={num_workers!r} is invalid; it must be auto or a whole number >= 0")
-    return num_workers
-
-
-class PairStreamDataModule(L.LightningDataModule):
-    """A datamodule whose training batches come from a `PairStream` (`self._stream`), coupled by `coupling` as they
-    are made: its loader (`loader_workers` processes ahead of the step), and the stream position saved in
-    checkpoints for exact resume."""
-
-    is_image = False
-    target: str
-    source: str
-    num_workers: int | str
-    _stream: PairStream
-
-    @property
-    def name(self) -> str:
-        return self.target if self.source == "gaussian" else f"{self.source}-{self.target}"
-
-    @property
-    def coupling(self) -> Coupling:
-        return self._stream.coupling
-
-    def couple_with(self, coupling: Coupling | None) -> None:
-        """Couple every training batch with `coupling` (the run's `coupling` group) as it is made."""
-        self._stream.coupling = coupling or IndependentCoupling()
-
-    def train_dataloader(self) -> DataLoader:
-        cpus = available_cpus()
-        if self.trainer is not None:
-            self._stream.shard(self.trainer.global_rank, self.trainer.world_size)
-            cpus = max(1, cpus // max(1, self.trainer.num_devices))  # this node's processes share its CPUs
-        workers = loader_workers(self.num_workers, self._stream.coupling, cpus)
-        if workers > 0:
-            self._leave_cpus_to_workers(workers, cpus)
-        self.loader_workers, self.training_threads = workers, torch.get_num_threads()  # for metrics.json
-        return DataLoader(self._stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
-
-    def _leave_cpus_to_workers(self, workers: int, cpus: int) -> None:
-        """Cap this process's intra-op threads at the CPUs the loader workers leave free: torch's idle threads spin
-        and would take the workers' cores (measured: exact-OT steps twice as slow on 2 CPUs with 2 threads beside one
-        worker). `teardown` gives the threads back."""
-        spare = max(1, cpus - workers)
-        if torch.get_num_threads() > spare:
-            self._threads_before = torch.get_num_threads()
-            torch.set_num_threads(spare)
-
-    def teardown(self, stage: str) -> None:
-        threads = getattr(self, "_threads_before", None)
-        if threads is not None:
-            torch.set_num_threads(threads)
-            self._threads_before = None
-
-    def state_dict(self) -> dict[str, int]:
-        """Saved in checkpoints: the first batch not yet trained on (one batch per optimiser step)."""
-        step = self.trainer.global_step if self.trainer is not None else self._stream.next_index
-        return {"next_index": int(step)}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._stream.next_index = int(state_dict["next_index"])
 
 
 class Toy2DDataModule(PairStreamDataModule):

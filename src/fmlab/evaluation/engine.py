@@ -29,18 +29,12 @@ from fmlab.metrics.distances import (
     wasserstein2,
 )
 from fmlab.metrics.fidelity import check_metrics, unmeasured
-from fmlab.sampling import AncestralSampler, ODESolver, VelocityField, path_energy, sample
+from fmlab.objectives import VelocityField
+from fmlab.samplers import ODESolver, Sampler, path_energy, sample
 from fmlab.seeding import stream_seed
 
 # the PF-ODE likelihood when the evaluation solver has none (the ancestral sampler): the papers' dopri5 at 1e-5
 DEFAULT_LIKELIHOOD_SOLVER = ODESolver("dopri5", atol=1e-5, rtol=1e-5)
-
-
-def field_device(field: torch.nn.Module) -> torch.device:
-    """Where the field's net lives (its parameters, or its buffers for a parameter-free exact field)."""
-    for tensor in (*field.parameters(), *field.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def run_chunks(
@@ -84,7 +78,7 @@ def class_labels(labels: str | list[int] | tuple[int, ...], num_classes: int, st
 def generate(
     field: VelocityField,
     datamodule: EvaluationData,
-    solver: ODESolver | AncestralSampler,
+    solver: Sampler,
     num_samples: int,
     batch_size: int,
     draw: int,
@@ -99,7 +93,7 @@ def generate(
     A class-conditional field generates the classes `class_labels(labels, ...)` asks for each row, guided with
     `guidance_scale`. `on_chunk(samples)` sees each of this rank's chunks before the gather (FID's per-rank update).
     """
-    device = field_device(field)
+    device = field.device
 
     def compute(chunk: int, start: int, size: int) -> tuple[Tensor, int]:
         x0 = datamodule.eval_source(size, draw=draw, chunk=chunk, start=start).to(device)
@@ -109,7 +103,7 @@ def generate(
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
             field.conditioned_on(asked, guidance_scale),
         ):
-            torch.manual_seed(stream_seed(getattr(datamodule, "seed", 0), "sampler_noise", draw, chunk))
+            torch.manual_seed(stream_seed(datamodule.seed, "sampler_noise", draw, chunk))
             result = sample(field, x0, solver)
         if on_chunk is not None:
             on_chunk(result.samples)
@@ -178,7 +172,7 @@ class Evaluator:
 
     def __init__(
         self,
-        solver: ODESolver | AncestralSampler,
+        solver: Sampler,
         num_samples: int = 2000,
         num_draws: int = 4,
         batch_size: int = 500,
@@ -324,7 +318,7 @@ class Evaluator:
     ) -> dict[str, float]:
         """PE and straightness over the source points of draw 0 (chunked like generation), W2² from them to
         `held_out`, and NPE."""
-        device = field_device(field)
+        device = field.device
 
         def compute(chunk: int, start: int, size: int) -> tuple[Tensor, int]:
             x0 = datamodule.eval_source(size, draw=0, chunk=chunk, start=start).to(device)
@@ -373,7 +367,7 @@ class Evaluator:
     def _image_metrics(self, field: VelocityField, datamodule: Any, ranks: Ranks) -> dict[str, Any]:
         from fmlab.metrics.fid import states_are_finite
 
-        device = field_device(field)
+        device = field.device
         metric, prepare = self.fid_metric(datamodule, device, ranks)
         fid, nfe, nonfinite = [], [], 0
         per_draw: dict[str, list[float]] = {}
@@ -445,7 +439,7 @@ class Evaluator:
         solver = self.likelihood_solver or (
             self.solver if isinstance(self.solver, ODESolver) else DEFAULT_LIKELIHOOD_SOLVER
         )
-        device = field_device(field)
+        device = field.device
         draws = self.dequantization_samples if datamodule.is_image else 1
         log_probs, nfe = [], []
         for k in range(draws):  # k = 0: the dequantisation every earlier evaluation used

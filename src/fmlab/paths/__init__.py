@@ -1,6 +1,6 @@
-"""Probability paths: schedules (α_t, σ_t), the affine path built on them, and minibatch couplings."""
+"""Probability paths: schedules (α_t, σ_t), the affine path built on them (every path quantity), training-time
+distributions and the exact marginal field of a point set."""
 
-from fmlab.paths.couplings import IndependentCoupling, MinibatchOTCoupling
 from fmlab.paths.oracle import MarginalOracle
 from fmlab.paths.path import AffinePath, broadcast_time
 from fmlab.paths.schedules import CondOT, Linear, Schedule, VEGeometric, VPCosine, VPLinear
@@ -8,10 +8,8 @@ from fmlab.paths.schedules import CondOT, Linear, Schedule, VEGeometric, VPCosin
 __all__ = [
     "AffinePath",
     "CondOT",
-    "IndependentCoupling",
     "Linear",
     "MarginalOracle",
-    "MinibatchOTCoupling",
     "Schedule",
     "VEGeometric",
     "VPCosine",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -11,6 +12,18 @@ from fmlab.errors import UserError, choices_error
 from fmlab.paths.schedules import Schedule
 
 SMOOTHING_KINDS = ("none", "constant", "bridge")
+
+
+def bisect_increasing(function: Callable[[Tensor], Tensor], targets: Tensor, low: float, high: float) -> Tensor:
+    """x in [low, high] with function(x) = target for an increasing `function`, by bisection in float64 (60
+    halvings: float64 resolution); targets outside the range give the nearer end."""
+    targets = targets.double()
+    below, above = torch.full_like(targets, low), torch.full_like(targets, high)
+    for _ in range(60):
+        middle = (below + above) / 2
+        later = function(middle) < targets
+        below, above = torch.where(later, middle, below), torch.where(later, above, middle)
+    return (below + above) / 2
 
 
 def broadcast_time(t: Tensor, x: Tensor) -> Tensor:
@@ -153,10 +166,60 @@ class AffinePath:
         alpha, sigma = s.alpha(t), s.sigma(t)
         return 2 * sigma**2 * (s.d_alpha(t) / alpha - s.d_sigma(t) / sigma)
 
+    # The prior: where the PF-ODE starts (generation) and ends (likelihood).
+
+    def prior_std(self, like: Tensor) -> Tensor:
+        """σ_{t_min}, the standard deviation of the prior N(0, σ_{t_min}² I) (σ_max for VE, 1 for OT), as a 0-d
+        tensor of `like`'s dtype and device."""
+        return self.schedule.sigma(torch.tensor(self.t_min, dtype=like.dtype, device=like.device))
+
     def prior_sample(self, x0: Tensor) -> Tensor:
-        """The ODE's starting point at t_min: σ_{t_min} x0 (N(0, σ_max² I) for VE, the source itself for OT)."""
-        sigma = self.schedule.sigma(torch.tensor(self.t_min, dtype=x0.dtype, device=x0.device))
-        return sigma * x0
+        """The ODE's starting point at t_min: σ_{t_min} x0 for x0 ~ N(0, I) (the source itself for OT)."""
+        return self.prior_std(x0) * x0
+
+    def prior_log_prob(self, x: Tensor) -> Tensor:
+        """log N(x; 0, σ_{t_min}² I), summed over the non-batch dimensions: the density the likelihood's
+        change of variables starts from (seed 004)."""
+        d = x[0].numel()
+        std = self.prior_std(x)
+        return -0.5 * (x / std).pow(2).flatten(1).sum(1) - d * (torch.log(std) + 0.5 * math.log(2 * math.pi))
+
+    # Noise levels: EDM's view x_t / α_t = x1 + σ̃(t) ε of the path, and its log-SNR.
+
+    def noise_ratio(self, t: Tensor) -> Tensor:
+        """σ̃(t) = σ_t / α_t, decreasing in t (EDM's σ of this path: x_t/α_t = x1 + σ̃ ε)."""
+        return self.schedule.sigma(t) / self.schedule.alpha(t)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """log SNR(t) = 2 (log α_t − log σ_t) = −2 log σ̃(t), increasing in t; d/dt log SNR = g²/σ²."""
+        return 2 * (torch.log(self.schedule.alpha(t)) - torch.log(self.schedule.sigma(t)))
+
+    def time_of_log_snr(self, log_snr: Tensor) -> Tensor:
+        """The t in [t_min, t_max] with log SNR(t) = `log_snr` (clipped to the ends), in float64: the one inverse of
+        the path's noise level (by bisection: no schedule needs a closed form)."""
+        return bisect_increasing(self.log_snr, log_snr, self.t_min, self.t_max)
+
+    def time_of_noise_ratio(self, ratio: Tensor) -> Tensor:
+        """The t with σ̃(t) = `ratio`: `time_of_log_snr(−2 log ratio)`."""
+        return self.time_of_log_snr(-2 * torch.log(ratio.double()))
+
+    # The discrete forward process between two times, and DDPM's posterior step (Ho et al. 2020, eq. 6-7).
+
+    def forward_transition(self, t_noisy: Tensor, t_clean: Tensor) -> tuple[Tensor, Tensor]:
+        """(a, b²) of x_noisy = a x_clean + b z, z ~ N(0, I), the process that takes p_{t_clean} to p_{t_noisy}
+        (t_noisy < t_clean): a = α_noisy / α_clean, b² = σ_noisy² − a² σ_clean² (≥ 0)."""
+        s = self.schedule
+        a = s.alpha(t_noisy) / s.alpha(t_clean)
+        return a, (s.sigma(t_noisy) ** 2 - a**2 * s.sigma(t_clean) ** 2).clamp_min(0)
+
+    def posterior_step(self, x: Tensor, x1_hat: Tensor, t_noisy: Tensor, t_clean: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, std) of q(x_{t_clean} | x_{t_noisy} = x, x1 = x̂1), the Gaussian posterior of the forward
+        transition (a, b²): mean = (a σ_c² / σ_n²) x + (α_c b² / σ_n²) x̂1, variance = b² σ_c² / σ_n²."""
+        s = self.schedule
+        a, b2 = self.forward_transition(t_noisy, t_clean)
+        sigma_n2, sigma_c2 = s.sigma(t_noisy) ** 2, s.sigma(t_clean) ** 2
+        mean = (a * sigma_c2 / sigma_n2) * x + (s.alpha(t_clean) * b2 / sigma_n2) * x1_hat
+        return mean, torch.sqrt(b2 * sigma_c2 / sigma_n2)
 
     def __repr__(self) -> str:
         smoothing = "" if not self.has_smoothing else f", smoothing={self.smoothing}({self.smoothing_sigma})"

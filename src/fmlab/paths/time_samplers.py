@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from fmlab.errors import UserError, choices_error
-from fmlab.paths.path import AffinePath
+from fmlab.paths.path import AffinePath, bisect_increasing
 
 LOSS_WEIGHTS = ("none", "density_ratio")
 
@@ -118,13 +117,8 @@ class ModeTime(TimeSampler):
         return 1 - mode_map(torch.rand(n, dtype=torch.float64), self.scale)
 
     def _inverse(self, u: Tensor) -> Tensor:
-        """v with 1 − f(v) = u (f decreases), by bisection."""
-        low, high = torch.zeros_like(u), torch.ones_like(u)
-        for _ in range(60):
-            middle = (low + high) / 2
-            below = 1 - mode_map(middle, self.scale) < u
-            low, high = torch.where(below, middle, low), torch.where(below, high, middle)
-        return (low + high) / 2
+        """v with 1 − f(v) = u (f decreases)."""
+        return bisect_increasing(lambda v: 1 - mode_map(v, self.scale), u, 0.0, 1.0)
 
     def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
         v = self._inverse(u.double())
@@ -159,23 +153,6 @@ class UShapedTime(TimeSampler):
         return f"a={self.a}"
 
 
-def bisect_time(path: AffinePath, function: Callable[[Tensor], Tensor], targets: Tensor, increasing: bool) -> Tensor:
-    """t ∈ [t_min, t_max] with function(t) = target, for a monotone function of t, by bisection in float64 (60
-    halvings of [t_min, t_max]: float64 resolution)."""
-    targets = targets.double()
-    low, high = torch.full_like(targets, path.t_min), torch.full_like(targets, path.t_max)
-    for _ in range(60):
-        middle = (low + high) / 2
-        later = function(middle) < targets if increasing else function(middle) > targets
-        low, high = torch.where(later, middle, low), torch.where(later, high, middle)
-    return (low + high) / 2
-
-
-def _log_noise_ratio(path: AffinePath, t: Tensor) -> Tensor:
-    """log σ̃(t) = log σ_t − log α_t, decreasing in t."""
-    return torch.log(path.schedule.sigma(t)) - torch.log(path.schedule.alpha(t))
-
-
 class LogNormalSigmaTime(TimeSampler):
     """EDM's training noise levels (Karras et al. 2022, Table 1): ln σ̃ ~ N(P_mean, P_std²) for the noise ratio
     σ̃ = σ_t/α_t of this path, mapped to t with σ̃(t) = σ̃ (clipped to the path's range [σ̃(t_max), σ̃(t_min)])."""
@@ -188,7 +165,7 @@ class LogNormalSigmaTime(TimeSampler):
 
     def sample_unit(self, path: AffinePath, n: int) -> Tensor:
         log_ratio = self.p_mean + self.p_std * torch.randn(n, dtype=torch.float64)
-        t = bisect_time(path, lambda s: _log_noise_ratio(path, s), log_ratio, increasing=False)
+        t = path.time_of_log_snr(-2 * log_ratio)
         return (t - path.t_min) / (path.t_max - path.t_min)
 
     def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
@@ -196,20 +173,17 @@ class LogNormalSigmaTime(TimeSampler):
         width = path.t_max - path.t_min
         t = path.t_min + width * u.double()
         h = 1e-6 * width
-        slope = (
-            _log_noise_ratio(path, (t + h).clamp(max=path.t_max))
-            - _log_noise_ratio(path, (t - h).clamp(min=path.t_min))
-        ) / ((t + h).clamp(max=path.t_max) - (t - h).clamp(min=path.t_min))
-        z = (_log_noise_ratio(path, t) - self.p_mean) / self.p_std
+
+        def log_ratio(s: Tensor) -> Tensor:  # log σ̃(s) = −½ log SNR(s)
+            return -0.5 * path.log_snr(s)
+
+        after, before = (t + h).clamp(max=path.t_max), (t - h).clamp(min=path.t_min)
+        slope = (log_ratio(after) - log_ratio(before)) / (after - before)
+        z = (log_ratio(t) - self.p_mean) / self.p_std
         return -0.5 * z**2 - math.log(self.p_std * math.sqrt(2 * math.pi)) + torch.log(slope.abs()) + math.log(width)
 
     def _settings(self) -> str:
         return f"p_mean={self.p_mean}, p_std={self.p_std}"
-
-
-def log_snr(path: AffinePath, t: Tensor) -> Tensor:
-    """log SNR(t) = 2 (log α_t − log σ_t), increasing in t; d/dt log SNR = g²/σ² (ScoreFlow's weighting)."""
-    return 2 * (torch.log(path.schedule.alpha(t)) - torch.log(path.schedule.sigma(t)))
 
 
 class LogSNRUniformTime(TimeSampler):
@@ -219,7 +193,7 @@ class LogSNRUniformTime(TimeSampler):
 
     def _bounds(self, path: AffinePath) -> tuple[float, float]:
         ends = torch.tensor([path.t_min, path.t_max], dtype=torch.float64)
-        low, high = log_snr(path, ends).tolist()
+        low, high = path.log_snr(ends).tolist()
         if not (math.isfinite(low) and math.isfinite(high)):
             raise UserError(f"time_sampler=log_snr_uniform needs a finite log-SNR on [t_min, t_max]; {path!r} has none")
         return low, high
@@ -237,7 +211,7 @@ class LogSNRUniformTime(TimeSampler):
             return cached[1]
         low, high = self._bounds(path)
         targets = torch.linspace(low, high, self.TABLE_SIZE, dtype=torch.float64)
-        table = bisect_time(path, lambda s: log_snr(path, s), targets, increasing=True)
+        table = path.time_of_log_snr(targets)
         table[0], table[-1] = path.t_min, path.t_max
         self._tables[id(path)] = (path, table)
         return table

@@ -5,13 +5,15 @@ so whatever Hydra finds (options on `hydra.searchpath`, nested options such as `
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmlab.errors import UserError
 
@@ -155,3 +157,78 @@ def run_entry_point(
         hydra_main()
 
     checked()
+
+
+# Lightning's tips advertise services; torch's deprecations inside Lightning are not the user's to fix
+_ADVERTISING = "💡 Tip:"
+THIRD_PARTY_DEPRECATIONS = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*The anonymous setting has no effect.*",
+)
+
+
+class _DropAdvertising(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_ADVERTISING)
+
+
+def quiet_third_party_output() -> None:
+    """Once Hydra's handlers are on the root logger (console and <run dir>/<job>.log), Lightning's own console
+    handlers would print each of its lines a second time: remove them and let the records propagate. Drop
+    Lightning's advertising tips and the third-party deprecation warnings a default run triggers."""
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+                logger.removeHandler(handler)
+            logger.propagate = True
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdvertising())
+    for pattern in THIRD_PARTY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def config_tree(cfg: DictConfig, output_dir: str | Path | None = None) -> None:
+    """Print the composed config as a tree, one branch per top-level key, and write it to `output_dir`'s
+    config_tree.log."""
+    from rich.console import Console
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        branch = tree.add(str(key))
+        if isinstance(value, DictConfig):
+            try:
+                text = OmegaConf.to_yaml(value, resolve=True)
+            except Exception:  # an interpolation only the running job can resolve
+                text = OmegaConf.to_yaml(value)
+            branch.add(Syntax(text, "yaml", theme="ansi_dark"))
+        else:
+            branch.add(str(value))
+    Console().print(tree)
+    if output_dir is not None:
+        import io
+
+        from fmlab.io import write_atomically
+
+        text = io.StringIO()
+        Console(file=text, width=120, color_system=None).print(tree)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(output_dir) / "config_tree.log", text.getvalue().encode())
+
+
+def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictConfig:
+    """The train config for `overrides`, writing into `output_dir`; like the CLI's, it has no `hydra` node."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig().set_config(cfg)  # resolves ${hydra:runtime.output_dir}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from fmlab.errors import first_detail
-from fmlab.runs import write_atomically
+from fmlab.io import write_atomically
 
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
 

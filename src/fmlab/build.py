@@ -1,0 +1,460 @@
+"""Config → the run's parts, in one call, before anything is written.
+
+`build_parts` validates the settings and builds, once, everything a run needs that does not depend on where it
+writes: its data (coupled, or the reflow teacher's pairs), its system (net, path, objective, time sampler,
+optimiser and schedule), its solver and its evaluator. `build_training` adds what does: callbacks, loggers and the
+Lightning trainer. The entry points call these and nothing else assembles. Any error on the way is one line
+naming the config key and its value (`instantiated`), raised before a run dir exists: the training entry point
+runs `preflight` on the command line's config before Hydra creates the run dir, and the parts it built are
+reused by the run itself (`build_parts` remembers them by the settings they depend on).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fmlab.errors import UserError, find_user_error, first_detail
+
+# the settings the output-independent parts depend on (their cache key)
+PART_KEYS = ("seed", "method", "data", "net", "path", "schedule", "objective", "time_sampler", "conditioning",
+             "coupling", "optimizer", "scheduler", "scheduler_interval", "performance", "solver", "eval",
+             "ckpt_path")  # fmt: skip
+# the weights the final evaluation measures: the end of training, or a monitoring checkpoint's best
+EVAL_CHECKPOINTS = ("last", "best")
+
+
+def instantiated(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate` of the node at `key`, every failure one `UserError` naming the key and value."""
+    from hydra.utils import instantiate
+
+    node = OmegaConf.select(cfg, key)
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as error:
+        raise config_error(key, node, error) from None
+
+
+def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(node, DictConfig):
+        return [leaf for k, v in node.items_ex(resolve=False) for leaf in _leaves(v, f"{prefix}.{k}")]
+    return [(prefix, node)]
+
+
+def config_error(key: str, node: Any, error: BaseException) -> UserError:
+    """One line for an error building the config node at `key`: a `UserError` raised inside stays as it is (it
+    names its key); an unknown setting is named as `key.setting`; otherwise the setting whose value the message
+    quotes (`trainer.precision='banana'`), or the node's target, with the cause's first line."""
+    user_error = find_user_error(error)
+    if user_error is not None:
+        return user_error
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = first_detail(cause)
+    target = node.get("_target_", "?") if isinstance(node, DictConfig) else "?"
+    unknown = re.search(r"unexpected keyword argument '([^']+)'", text)
+    if unknown:
+        return UserError(f"{key}.{unknown.group(1)} is not a setting of {target}; remove it or check its spelling")
+    for name, value in _leaves(node, key):
+        if isinstance(value, str) and len(value) > 1 and (f"'{value}'" in text or f'"{value}"' in text):
+            return UserError(f"{name}={value!r} is invalid: {text}")
+    return UserError(f"{key} ({target}) could not be built: {type(cause).__name__}: {text}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_settings(cfg: DictConfig) -> None:
+    """Checks on plain values that Lightning would accept silently (max_steps = -1 trains forever, lr = 0 trains
+    nothing) or report with a traceback."""
+    trainer = cfg.trainer
+    if not trainer.get("fast_dev_run") and (not isinstance(trainer.max_steps, int) or trainer.max_steps < 1):
+        raise UserError(f"trainer.max_steps={trainer.max_steps} is invalid; it must be a positive integer")
+    lr = cfg.optimizer.get("lr")
+    if lr is not None and (not _is_number(lr) or lr <= 0):
+        raise UserError(f"optimizer.lr={lr!r} is invalid; it must be a positive number such as 2e-3")
+    if cfg.get("eval_checkpoint", "last") not in EVAL_CHECKPOINTS:
+        raise UserError(
+            f"eval_checkpoint={cfg.eval_checkpoint} is not one of {', '.join(EVAL_CHECKPOINTS)}: the weights at the "
+            "end of training, or the best checkpoint of a monitoring ModelCheckpoint (callbacks=best_val)"
+        )
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise UserError(f"seed={seed!r} is invalid; it must be a whole number from 0 to 2**32 - 1")
+    if "ddp" in str(trainer.get("strategy", "")) and trainer.get("devices", 1) != 1 and local_multirun():
+        raise UserError(
+            f"trainer.strategy={trainer.strategy} cannot run inside a local multirun (Lightning would relaunch the "
+            "whole sweep once per rank); run the jobs one at a time or submit them with hydra/launcher=slurm"
+        )
+    conditioning = cfg.get("conditioning") or {}
+    if conditioning.get("labels") and not conditioning.get("num_classes"):
+        raise UserError(
+            f"conditioning=class needs data with class labels; data={cfg.data.get('target')} has none (labelled: "
+            "moons, 8gaussians, tong_moons, tong_8gaussians, digits, mnist, cifar10, imagenet32, imagenet64)"
+        )
+
+
+def check_override_types(defaults: DictConfig, cfg: DictConfig, args: list[str]) -> None:
+    """A `key=value` override whose default is a number (or a boolean) must be one too: `data.batch_size=abc`
+    would otherwise reach the datamodule as a string and fail deep inside it."""
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" not in arg or arg.startswith(("-", "hydra.")) or "." not in key:
+            continue
+        default, value = OmegaConf.select(defaults, key), OmegaConf.select(cfg, key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UserError(f"{key}={value!r} is invalid; it must be true or false")
+        if _is_number(default) and not isinstance(value, int | float) and value is not None:
+            raise UserError(f"{key}={value!r} is invalid; it must be a number (the default is {default})")
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def local_multirun() -> bool:
+    """A Hydra multirun outside SLURM (where srun, not Lightning, starts the ranks)."""
+    return in_multirun() and "SLURM_NTASKS" not in os.environ
+
+
+@dataclass
+class Parts:
+    """What a run is, independent of where it writes: built once by `build_parts`."""
+
+    datamodule: Any
+    module: Any  # fmlab.module.FlowModule
+    coupling: Any
+    solver: Any
+    evaluator: Any  # fmlab.evaluation.Evaluator
+    resume_step: int = 0
+    teacher: Any = None  # fmlab.reflow.Teacher of a reflow run
+
+
+_built: dict[str, Any] = {}  # what this process's preflight built, by `parts_key` / `evaluation_key`
+
+
+def parts_key(cfg: DictConfig) -> str:
+    container = {key: OmegaConf.to_container(cfg, resolve=True).get(key) for key in PART_KEYS}
+    return json.dumps(container, sort_keys=True, default=str)
+
+
+def build_parts(cfg: DictConfig) -> Parts:
+    """Validate `cfg` and build its data, system, coupling, solver and evaluator (seeded, in the order every run
+    builds them: the net's initial weights depend on it). Parts already built for the same settings in this process
+    (by `preflight`) are returned as they are."""
+    key = parts_key(cfg)
+    if key in _built:
+        return _built.pop(key)
+    import lightning as L
+
+    from fmlab.module import FlowModule
+    from fmlab.reflow import ReflowCoupling, ReflowDataModule, init_student
+    from fmlab.runs import check_resume
+
+    validate_settings(cfg)
+    resume_step = check_resume(cfg) if cfg.get("ckpt_path") is not None else 0
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiated(cfg, "data")
+    module = FlowModule.from_config(cfg, make=lambda name: instantiated(cfg, name))
+    check_optimizer(module)
+    coupling = instantiated(cfg, "coupling")
+    if module.objective.needs_gaussian_source and datamodule.source != "gaussian":
+        raise UserError(
+            f"data.source={datamodule.source} cannot be used with method={cfg.method.name}: its objective "
+            f"({module.objective!r}) assumes a N(0, I) source; use data.source=gaussian or a velocity objective"
+        )
+    teacher = None
+    if isinstance(coupling, ReflowCoupling):  # training batches: the teacher's pairs; evaluation: the data
+        teacher = load_teacher(coupling)
+        datamodule = ReflowDataModule(datamodule, coupling, teacher, cfg.data.batch_size, cfg.seed)
+        if cfg.ckpt_path is None and coupling.init_from_teacher:
+            init_student(module.net, teacher, coupling)
+    else:  # the coupling runs where the batches are made (loader workers with data.num_workers)
+        datamodule.couple_with(coupling)
+    solver = instantiated(cfg, "solver")
+    try:
+        solver.check_path(module.path)  # e.g. the ancestral sampler on the OT path
+    except UserError as refusal:
+        raise UserError(f"solver={solver.method}: {refusal}") from None
+    evaluator = instantiated(cfg, "eval", **reused(cfg.eval, {"${solver}": solver}))
+    return Parts(datamodule, module, coupling, solver, evaluator, resume_step, teacher)
+
+
+def check_optimizer(module: Any) -> None:
+    """Build the optimiser and schedule once, as Lightning will: a bad setting fails now, in one line."""
+    try:
+        module.configure_optimizers()
+    except Exception as error:
+        raise UserError(
+            f"optimizer/scheduler could not be built: {type(error).__name__}: {first_detail(error)}"
+        ) from None
+
+
+def load_teacher(reflow: Any) -> Any:
+    """The reflow teacher, loaded once: its net (EMA weights when asked for), field and step. A teacher whose own
+    run diverged is refused before any pair is made."""
+    from fmlab.reflow import Teacher
+    from fmlab.runs import METRICS_FILE, load_run, read_metrics
+
+    run_dir = reflow.teacher_run_dir()
+    if (run_dir / METRICS_FILE).is_file() and read_metrics(run_dir).get("diverged"):
+        raise UserError(
+            f"coupling.teacher={reflow.teacher} diverged (its {METRICS_FILE} says diverged: true); a student "
+            "learns its teacher's samples: choose a teacher that trained"
+        )
+    run = load_run(reflow.teacher, reflow.use_ema, name="coupling.teacher")
+    return Teacher(net=run.net, field=run.velocity_field(), step=run.step, data_shape=tuple(run.datamodule.data_shape))
+
+
+def reused(node: DictConfig, shared: dict[str, Any]) -> dict[str, Any]:
+    """The settings of `node` written exactly as one of the interpolations in `shared` (e.g. `${solver}`), mapped to
+    that object: the run's own, instead of a second copy built from the same config."""
+    written = {setting: node._get_node(setting)._value() for setting in node}
+    return {setting: shared[raw] for setting, raw in written.items() if isinstance(raw, str) and raw in shared}
+
+
+def instantiate_each(cfg: DictConfig, key: str, shared: dict[str, Any] | None = None) -> list:
+    """Every object the dict-of-configs node at `key` names (callbacks, loggers); null entries, `group=none` and
+    factories that return None (W&B when disabled) give none. A child's setting written exactly as one of the
+    interpolations in `shared` (e.g. `${solver}`) gets that object, the run's own, instead of a second copy."""
+    node = OmegaConf.select(cfg, key)
+    if not node:
+        return []
+    built = []
+    for name, child in node.items():
+        if not child or "_target_" not in child:
+            continue
+        written = {setting: child._get_node(setting)._value() for setting in child}
+        reuse = {
+            setting: shared[raw] for setting, raw in written.items() if isinstance(raw, str) and raw in (shared or {})
+        }
+        built.append(instantiated(cfg, f"{key}.{name}", **reuse))
+    return [item for item in built if item is not None]
+
+
+@dataclass
+class TrainingRun:
+    """A run ready to fit: its parts, and the callbacks, loggers and trainer that write into `output_dir`."""
+
+    cfg: DictConfig
+    parts: Parts
+    output_dir: Path
+    callbacks: list = field(default_factory=list)
+    loggers: list = field(default_factory=list)
+    trainer: Any = None
+    evaluation: Any = None  # the PeriodicEvaluation callback, if any
+
+    @property
+    def module(self) -> Any:
+        return self.parts.module
+
+    @property
+    def datamodule(self) -> Any:
+        return self.parts.datamodule
+
+
+def build_training(cfg: DictConfig, parts: Parts | None = None) -> TrainingRun:
+    """`build_parts`, then the callbacks (the configured ones with the run's solver and evaluator, plus those every
+    run needs: its config in every checkpoint, per-step seeds, a checkpoint on SIGTERM, a stop on a non-finite
+    loss), the loggers (continuing a resumed run's W&B run) and the trainer."""
+    from fmlab.callbacks import PeriodicEvaluation
+    from fmlab.callbacks.resume import (
+        AtomicCheckpointIO,
+        CheckpointOnSigterm,
+        StepSeed,
+        StopOnNonFiniteLoss,
+        TrainingClock,
+    )
+    from fmlab.callbacks.run_config import RunConfigInCheckpoint
+    from fmlab.runs import wandb_run_id
+
+    parts = parts or build_parts(cfg)
+    callbacks = [
+        *instantiate_each(cfg, "callbacks", {"${solver}": parts.solver, "${eval}": parts.evaluator}),
+        RunConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)),
+        StepSeed(cfg.seed),
+        TrainingClock(),
+        CheckpointOnSigterm(),
+        StopOnNonFiniteLoss(),
+    ]
+    run_id = wandb_run_id(cfg)
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg and run_id:  # a resumed run logs into the W&B run its checkpoint names
+        with open_dict(wandb_cfg):
+            wandb_cfg.id, wandb_cfg.resume = run_id, "allow"
+    loggers = instantiate_each(cfg, "logger")
+    trainer = instantiated(cfg, "trainer", callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    evaluation = next((c for c in callbacks if isinstance(c, PeriodicEvaluation)), None)
+    return TrainingRun(cfg, parts, Path(cfg.paths.output_dir), callbacks, loggers, trainer, evaluation)
+
+
+@contextmanager
+def quiet_lightning():
+    """Lightning's start-up notes (GPU available, ...) are printed by the run's own trainer, not by the check's."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def preflight(cfg: DictConfig, args: list[str]) -> None:
+    """Before Hydra creates or writes into the run dir: build the whole run from the command line's config (into a
+    run dir that is not created) so that any bad value ends in one line, check the run dir (writable, not another
+    run's, not in use) and lock it for this process. The parts are kept for the run to reuse."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fmlab.cli import check_writable, compose_for_checks, run_dir_override
+    from fmlab.runs import check_new_run_dir, is_launching_process, lock_run_dir
+
+    run_dir = run_dir_override(args)
+    resolvable = cfg.copy()
+    OmegaConf.set_readonly(resolvable.hydra, False)
+    with open_dict(resolvable):
+        resolvable.hydra.runtime.output_dir = str(run_dir or resolvable.hydra.run.dir)
+    HydraConfig().set_config(resolvable)  # resolves ${hydra:runtime.output_dir}, ${now:...}
+    with open_dict(resolvable):
+        del resolvable["hydra"]
+    try:
+        plain = [a for a in args if "=" in a and "." in a.split("=", 1)[0] and not a.startswith(("hydra.", "-"))]
+        check_override_types(compose_for_checks("train", [a for a in args if a not in plain]), resolvable, plain)
+        parts = build_parts(resolvable)
+        with quiet_lightning():
+            build_training(resolvable, parts)  # callbacks, loggers, trainer: built to check them, then dropped
+        _built[parts_key(resolvable)] = parts
+    finally:
+        HydraConfig.instance().cfg = None  # Hydra sets its own when it runs the job
+    if run_dir is None:  # a new, timestamped run dir under paths.log_dir
+        check_writable(Path(str(resolvable.paths.log_dir)), "paths.log_dir")
+        return
+    check_writable(run_dir)
+    check_new_run_dir(resolvable, run_dir)
+    if is_launching_process():
+        lock_run_dir(run_dir)
+
+
+# the sampler lists of conf/sweep and the setting each varies
+SWEEP_GROUPS = (
+    ("fixed_step_methods", "num_steps", False),
+    ("adaptive_methods", "tolerances", True),
+    ("stochastic_methods", "stochastic_num_steps", False),
+)
+SWEEP_KINDS = ("nfe", "guidance")
+
+
+def solver_from_conf(name: str, key: str, **settings: Any) -> Any:
+    """The sampler conf/solver/<name>.yaml builds, with `settings` over its defaults (the registry
+    `fmlab.samplers.SAMPLERS` names the choices)."""
+    from hydra.utils import instantiate
+
+    from fmlab.cli import CONFIG_DIR
+    from fmlab.errors import choices_error
+    from fmlab.samplers import SAMPLERS
+
+    if name not in SAMPLERS:
+        raise choices_error(key, name, SAMPLERS)
+    node = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "solver" / f"{name}.yaml"), settings)
+    try:
+        return instantiate(node)
+    except Exception as error:
+        raise config_error(key, node, error) from None
+
+
+def sweep_samplers(sweep: DictConfig) -> list[Any]:
+    """Every sampler a sweep config names, at every setting it lists: fixed-step and native samplers at each step
+    count, adaptive ones at each tolerance (atol = rtol), each from its conf/solver file."""
+    samplers = []
+    for methods_key, values_key, adaptive in SWEEP_GROUPS:
+        methods, values = list(sweep.get(methods_key) or []), list(sweep.get(values_key) or [])
+        if methods and not values:
+            raise UserError(
+                f"sweep.{values_key}=[] leaves sweep.{methods_key}={methods} nothing to run; give one or more"
+            )
+        for name in methods:
+            for value in values:
+                settings = {"atol": value, "rtol": value} if adaptive else {"num_steps": value}
+                sampler = solver_from_conf(name, f"sweep.{methods_key}", **settings)
+                if sampler.is_adaptive != adaptive:
+                    kind = "adaptive" if sampler.is_adaptive else "fixed-step"
+                    raise UserError(f"sweep.{methods_key} lists {name}, a {kind} sampler; move it to its own list")
+                samplers.append(sampler)
+    if not samplers:
+        raise UserError("the sweep names no sampler: list one under sweep.fixed_step_methods, adaptive_methods or "
+                        "stochastic_methods")  # fmt: skip
+    return samplers
+
+
+@dataclass
+class EvaluationRun:
+    """What `fmlab.evaluate` evaluates: the loaded run, the evaluator, and a sweep's samplers (if any)."""
+
+    key: str
+    run: Any  # fmlab.runs.LoadedRun
+    evaluator: Any
+    sweep_kind: str | None = None
+    samplers: list = field(default_factory=list)
+
+
+def evaluation_key(cfg: DictConfig) -> str:
+    settings = [OmegaConf.to_container(cfg.eval, resolve=True), *(cfg.get(k) for k in ("ckpt_path", "use_ema"))]
+    sweep = cfg.get("sweep")
+    return "evaluate:" + json.dumps([*settings, OmegaConf.to_container(sweep) if sweep else None], default=str)
+
+
+def build_evaluation(cfg: DictConfig) -> EvaluationRun:
+    """The checkpoint's run, rebuilt, and the evaluation `cfg` asks of it, checked: the solver fits its path, a
+    sweep names samplers and settings to run. Built once per process (the preflight's is reused)."""
+    from fmlab.runs import load_run
+
+    key = evaluation_key(cfg)
+    if key in _built:
+        return _built.pop(key)
+    if not cfg.get("ckpt_path"):
+        raise UserError("ckpt_path is required: python -m fmlab.evaluate ckpt_path=<run dir or .ckpt file>")
+    run = load_run(cfg.ckpt_path, cfg.use_ema)
+    if cfg.eval.num_samples is None:  # default: as many samples as the run evaluated with
+        with open_dict(cfg):
+            cfg.eval.num_samples = run.config.eval.num_samples
+    evaluator = instantiated(cfg, "eval")
+    try:
+        evaluator.solver.check_path(run.module.path)
+    except UserError as refusal:
+        raise UserError(f"solver={evaluator.solver.method}: {refusal}") from None
+    if not cfg.get("sweep"):
+        return EvaluationRun(key, run, evaluator)
+    kind = cfg.sweep.get("kind", "nfe")
+    if kind not in SWEEP_KINDS:
+        from fmlab.errors import choices_error
+
+        raise choices_error("sweep.kind", kind, SWEEP_KINDS)
+    if kind == "guidance":
+        if not run.velocity_field().num_classes:
+            raise UserError("sweep=guidance needs a class-conditional run (trained with conditioning=class)")
+        if not list(cfg.sweep.get("guidance_scales") or []):
+            raise UserError("sweep.guidance_scales is empty; give at least one scale, e.g. [0, 1, 2]")
+    return EvaluationRun(key, run, evaluator, kind, sweep_samplers(cfg.sweep))
+
+
+def preflight_evaluation(cfg: DictConfig, args: list[str]) -> None:
+    """Before Hydra creates the run dir: the checkpoint, the evaluation and the output dir, checked in one line."""
+    from fmlab.cli import check_writable, run_dir_override
+
+    built = build_evaluation(cfg)
+    _built[built.key] = built
+    check_writable(run_dir_override(args) or Path(str(cfg.paths.log_dir)), "hydra.run.dir")

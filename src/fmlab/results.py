@@ -1,0 +1,260 @@
+"""Numbers rendered from metrics.json files: paper tables (Markdown and CSV rows, mean ± std over seeds, the
+published number and the W2 floor beside), a multirun's summary.csv, and the reflow stage table. Nothing here runs
+a job (that is `fmlab.launch`) or writes a file other than through `fmlab.io`."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from fmlab.io import write_csv
+from fmlab.runs import METRICS_FILE, job_overrides, read_metrics
+
+NOT_RUN = "not run"
+SUMMARY_FILE = "summary.csv"
+
+
+def collect_metrics(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every run's metrics.json below `sweep_dir`."""
+    return [json.loads(p.read_text()) for p in sorted(Path(sweep_dir).rglob(METRICS_FILE))]
+
+
+def column_value(record: dict[str, Any], column_key: str | list[str]) -> str:
+    """A run's column: one metrics.json field, or several joined by "→" (e.g. source → data)."""
+    keys = [column_key] if isinstance(column_key, str) else list(column_key)
+    return "→".join(str(record.get(k)) for k in keys)
+
+
+def aggregate(
+    records: Iterable[dict[str, Any]], row_key: str, column_key: str | list[str]
+) -> dict[tuple[str, str], list[dict]]:
+    """Group runs into table cells by (row value, column value)."""
+    cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for record in records:
+        cells[(str(record.get(row_key)), column_value(record, column_key))].append(record)
+    return cells
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not all(math.isfinite(v) for v in values):  # a diverged run: NaN, never a mean of the others
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def decimals(metric: str) -> int:
+    return 0 if metric.startswith("nfe") or metric.endswith("seconds") else 3
+
+
+def format_cell(runs: list[dict], metric: str) -> str:
+    values = [float(r[metric]) for r in runs if isinstance(r.get(metric), int | float)]
+    if not values:
+        return NOT_RUN
+    diverged = sum(1 for v in values if not math.isfinite(v))
+    if diverged:  # a mean over the other runs would hide the diverged ones
+        return f"NaN ({diverged} of {len(values)} runs diverged)"
+    mean, std = mean_std(values)
+    digits = decimals(metric)
+    if len(values) == 1:
+        return f"{mean:.{digits}f} (n=1)"
+    text = f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return text if len(values) >= 3 else f"{text} (n={len(values)})"
+
+
+def format_floor(runs: list[dict]) -> str:
+    """The W2 floor of a column: mean ± std over its runs, or one value marked "(fixed sets)" when every run
+    measured it on the same held-out sets (a fixed split): a "± 0.000" there would read as a floor with no spread."""
+    values = [float(r["w2_floor"]) for r in runs if isinstance(r.get("w2_floor"), int | float)]
+    if len(values) > 1 and all(math.isfinite(v) for v in values) and len(set(values)) == 1:
+        return f"{values[0]:.3f} (fixed sets)"
+    return format_cell(runs, "w2_floor")
+
+
+def column_metrics(table: DictConfig, column: str) -> list[str]:
+    """The metrics a column shows: `column_metrics[column]` where given (FID for images, W2 for points)."""
+    return list((table.get("column_metrics") or {}).get(column, table.metrics))
+
+
+def reference_value(table: DictConfig, row: str, column: str, metric: str) -> str | None:
+    """The published number for a cell, as the paper printed it ("–" where it has none); None: no reference."""
+    reference = table.get("reference") or {}
+    if row not in reference or column not in reference[row] or metric not in reference[row][column]:
+        return None
+    value = reference[row][column][metric]
+    return "–" if value is None else str(value)
+
+
+def render_markdown(table: DictConfig, cells: dict[tuple[str, str], list[dict]]) -> str:
+    columns = list(table.column_order)
+    column_labels, row_labels = dict(table.get("column_labels") or {}), dict(table.get("row_labels") or {})
+    cell_keys = [(c, m) for c in columns for m in column_metrics(table, c)]
+    header = [table.rows] + [f"{column_labels.get(c, c)}: {m}" for c, m in cell_keys]
+    lines = [f"**{table.title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.row_order:
+        entries = []
+        for column, metric in cell_keys:
+            entry = format_cell(cells.get((row, column), []), metric)
+            reference = reference_value(table, row, column, metric)
+            entries.append(entry if reference is None else f"{entry} (paper {reference})")
+        lines.append("| " + " | ".join([row_labels.get(row, row), *entries]) + " |")
+    floors: list[str] = []
+    if any(m == "w2" for _, m in cell_keys):
+        for column, metric in cell_keys:
+            runs = [r for (_, col), rs in cells.items() if col == column for r in rs]
+            floors.append(format_floor(runs) if metric == "w2" else "")
+        lines.append("| floor (held-out vs held-out) | " + " | ".join(floors) + " |")
+    runs = [r for rs in cells.values() for r in rs]
+    seconds = sum(float(r.get("train_seconds", 0.0)) for r in runs)
+    wall = sum(float(r.get("wall_seconds", 0.0)) for r in runs)
+    lines += [
+        "",
+        f"{len(runs)} runs, {seconds / 60:.1f} minutes of training ({wall / 60:.1f} minutes wall time) in all.",
+    ]
+    if table.get("reference"):
+        lines.append(f"Published numbers in parentheses: {table.reference_source}.")
+    if any(f.endswith("(fixed sets)") for f in floors):
+        lines.append(
+            "A floor marked (fixed sets) is measured on the same held-out sets in every run: it does not vary over"
+            " runs (scripts/w2_floors.py measures its spread over draws)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def table_rows(table: DictConfig, cells: dict[tuple[str, str], list[dict]]) -> list[dict[str, Any]]:
+    """The table as CSV rows: mean and std of every metric per cell, the paper's number beside."""
+    metrics = list(dict.fromkeys([m for c in table.column_order for m in column_metrics(table, c)]))
+    metrics += [m for m in table.get("extra_metrics", []) if m not in metrics]
+    papers = metrics if table.get("reference") else []
+    column_header = table.columns if isinstance(table.columns, str) else "→".join(table.columns)
+    rows = []
+    for row in table.row_order:
+        for column in table.column_order:
+            runs = cells.get((row, column), [])
+            entry: dict[str, Any] = {table.rows: row, column_header: column, "runs": len(runs)}
+            for metric in metrics:
+                numbers = [float(r[metric]) for r in runs if isinstance(r.get(metric), int | float)]
+                mean, std = mean_std(numbers) if numbers else ("", "")
+                entry.update({f"{metric}_mean": mean, f"{metric}_std": std})
+            entry.update({f"{m}_paper": reference_value(table, row, column, m) or "" for m in papers})
+            rows.append(entry)
+    return rows
+
+
+def sweep_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per job dir holding a metrics.json: the job dir, its overrides and every scalar metric."""
+    rows = []
+    for metrics_file in sorted(Path(sweep_dir).glob(f"*/{METRICS_FILE}")):
+        job_dir = metrics_file.parent
+        overrides = job_overrides(job_dir)
+        metrics = read_metrics(job_dir)
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, str | int | float | bool) or v is None}
+        rows.append({"job": job_dir.name, "overrides": " ".join(overrides), **scalars})
+    return rows
+
+
+def write_sweep_summary(sweep_dir: str | Path) -> Path | None:
+    """Write `<sweep_dir>/summary.csv` (columns: job, overrides, then the union of metric names, sorted)."""
+    rows = sweep_rows(sweep_dir)
+    if not rows:
+        return None
+    metric_names = sorted({key for row in rows for key in row} - {"job", "overrides"})
+    return write_csv(Path(sweep_dir) / SUMMARY_FILE, rows, ["job", "overrides", *metric_names])
+
+
+class SweepSummary(Callback):
+    """Registered in conf/hydra/default.yaml; writes `<sweep dir>/summary.csv` once when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        target = write_sweep_summary(config.hydra.sweep.dir)
+        if target is not None:
+            print(f"fmlab: sweep summary: {target}")
+
+
+def run_metrics(run: Any, evaluation: dict[str, Any], started: float) -> dict[str, Any]:
+    """What a training run's metrics.json records: what was run, the cost of training (train_seconds: the wall
+    time of `fit`, over every resumed segment; the threads and loader workers it had) and the evaluation.
+    `run` is a `fmlab.build.TrainingRun`; `started` the `time.perf_counter()` the run began at."""
+    import time
+
+    import torch
+
+    from fmlab import __version__
+    from fmlab.callbacks.resume import TrainingClock
+    from fmlab.module import net_parameters
+    from fmlab.runs import config_digest
+
+    cfg, module, datamodule = run.cfg, run.module, run.datamodule
+    metrics: dict[str, Any] = {
+        "method": cfg.method.name,
+        "data": cfg.data.get("target", cfg.data.get("name")),
+        "source": cfg.data.get("source", "gaussian"),
+        "seed": cfg.seed,
+        "tags": list(cfg.get("tags") or []),
+        "steps": run.trainer.global_step,
+        "config_digest": config_digest(cfg),
+        "path": repr(module.path),
+        "objective": repr(module.objective),
+        "coupling": repr(datamodule.coupling),
+        "net_parameters": net_parameters(module.net),
+        "fmlab_version": __version__,
+        "torch_version": torch.__version__,
+        # train_seconds depends on them: the training process's threads and the loader workers beside it
+        "torch_threads": datamodule.training_threads or torch.get_num_threads(),
+        "loader_workers": datamodule.loader_workers,
+    }
+    loss = module.train_loss()
+    if loss is not None:
+        metrics["train_loss"] = loss
+    clock = next((c for c in run.callbacks if isinstance(c, TrainingClock)), None)
+    if clock is not None:
+        metrics["train_seconds"] = clock.seconds
+    metrics.update(evaluation)
+    metrics.update(datamodule.generation)  # reflow: the pairs' cost
+    metrics["wall_seconds"] = time.perf_counter() - started
+    return metrics
+
+
+# the reflow table (scripts/reflow_table.py): its stages, in order, and the Euler step counts it reports
+REFLOW_STAGES = ("teacher", "2-rectified", "2-rectified + distilled (k = 1)")
+REFLOW_EULER_STEPS = (1, 2, 4)
+
+
+def reflow_row(task: str, stage: str, seed: int, metric: str, metrics: dict[str, Any],
+               euler: dict[int, float]) -> dict[str, Any]:  # fmt: skip
+    """One stage of one seed: `metric` at each Euler step count (`euler`, from `fmlab.evaluate` runs) and under
+    the run's own dopri5 evaluation (`metrics`, its metrics.json), straightness and the training seconds with the
+    pairs' generation."""
+    row: dict[str, Any] = {"task": task, "stage": stage, "seed": seed}
+    row.update({f"{metric}_euler{k}": euler[k] for k in REFLOW_EULER_STEPS})
+    row[f"{metric}_dopri5"] = metrics[metric]
+    row["nfe_dopri5"] = metrics["nfe"]
+    row["straightness"] = metrics.get("straightness", math.nan)
+    row["train_seconds"] = metrics["train_seconds"] + metrics.get("pair_generation_seconds", 0.0)
+    return row
+
+
+def reflow_markdown(task: str, metric: str, rows: list[dict[str, Any]]) -> str:
+    """The reflow table of one task: mean ± std over seeds of every stage's columns."""
+    name = metric.upper()
+    columns = [f"{metric}_euler{k}" for k in REFLOW_EULER_STEPS]
+    columns += [f"{metric}_dopri5", "nfe_dopri5", "straightness", "train_seconds"]
+    header = [f"{name}, {k} Euler step{'s' if k > 1 else ''}" for k in REFLOW_EULER_STEPS]
+    header += [f"{name}, dopri5", "NFE dopri5", "straightness", "training s (pairs incl.)"]
+    lines = [f"**{task}** ({len({r['seed'] for r in rows})} seeds, mean ± std)", "",
+             "| stage | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]  # fmt: skip
+    for stage in REFLOW_STAGES:
+        mine = [r for r in rows if r["stage"] == stage]
+        cells = []
+        for column in columns:
+            mean, std = mean_std([float(r[column]) for r in mine])
+            digits = 0 if column in ("train_seconds", "nfe_dopri5") else 3
+            cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
