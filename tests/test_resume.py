@@ -109,26 +109,41 @@ OT_RUN = [
 ]
 
 
-def test_a_run_with_loader_workers_resumed_mid_epoch_ends_like_an_unbroken_run_without_workers(
-    tmp_path: Path,
-) -> None:
-    unbroken, run_dir = tmp_path / "unbroken", tmp_path / "run"
+@pytest.fixture(scope="module")
+def unbroken_without_workers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    unbroken = tmp_path_factory.mktemp("unbroken_without_workers")
     result = run_cli("fmlab.train", *OT_RUN, "data.num_workers=0", f"hydra.run.dir={unbroken}", cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
+    return unbroken
+
+
+# (signal, the step it lands after, the exit status): SIGTERM and Ctrl-C mid-epoch save the step in progress;
+# SIGKILL after the epoch-end checkpoint of step 50 leaves only that one, whose resume makes a loader iterator
+# that Lightning drops at once (the batches its workers made ahead must not shift the stream)
+KILLS = [("SIGTERM", 75, 143), ("SIGINT", 75, 143), ("SIGKILL", 60, -signal.SIGKILL)]
+
+
+@pytest.mark.parametrize("signal_name, step, status", KILLS)
+def test_a_run_with_loader_workers_killed_and_resumed_ends_like_an_unbroken_run_without_workers(
+    unbroken_without_workers: Path, tmp_path: Path, signal_name: str, step: int, status: int
+) -> None:
+    run_dir = tmp_path / "run"
     killed = run_cli(
         "fmlab.train", *OT_RUN, "data.num_workers=2", f"hydra.run.dir={run_dir}",
-        "+callbacks.signal={_target_: tests.signals.SignalAt, step: 75, when: batch_end}",
+        f"+callbacks.signal={{_target_: tests.signals.SignalAt, step: {step}, signal_name: {signal_name}}}",
         cwd=REPO_ROOT,
     )  # fmt: skip
-    assert killed.returncode == 143, killed.stderr[-3000:]
-    resumed = run_cli("fmlab.train", f"ckpt_path={run_dir}", cwd=REPO_ROOT)
+    assert killed.returncode == status, killed.stderr[-3000:]
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step*.ckpt"))
+    assert saved == (["step0000050.ckpt"] if signal_name == "SIGKILL" else ["step0000050.ckpt", "step0000075.ckpt"])
+    resumed = run_cli("fmlab.train", f"ckpt_path={run_dir}", "callbacks.signal=null", cwd=REPO_ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    ours, reference = metrics_of(run_dir), metrics_of(unbroken)
+    ours, reference = metrics_of(run_dir), metrics_of(unbroken_without_workers)
     assert ours["steps"] == reference["steps"] == 150
     assert "draw_from_plan=True" in ours["coupling"] and ours["loader_workers"] == 2
-    for key in ("w2", "mmd", "nfe"):
+    for key in ("w2", "mmd", "nfe", "train_loss"):
         assert ours[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-12), key
-    assert loss_rows(run_dir) == loss_rows(unbroken)
+    assert loss_rows(run_dir) == loss_rows(unbroken_without_workers)
 
 
 def loss_rows(run_dir: Path) -> list[tuple[int, str]]:

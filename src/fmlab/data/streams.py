@@ -4,9 +4,11 @@ position in checkpoints (exact resume). Every fmlab datamodule is one."""
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
+from typing import Any
 
 import lightning as L
 import torch
@@ -32,9 +34,14 @@ class PairStream(IterableDataset):
     Batch i (counted over the whole run) is drawn from its own generator seeded by (seed, rank, i) and coupled by
     `coupling` with a generator seeded by (seed, "coupling", rank, i), so it is a pure function of (seed, rank, i):
     each DDP rank draws its own data, loader workers (which take every `num_workers`-th batch, in order) change
-    nothing, and a run resumed at step k draws exactly the batches k, k + 1, ... of an unbroken run (the datamodule
-    saves the step in checkpoints). An epoch's iterator ends at the next multiple of `batches_per_epoch`, so an
-    epoch resumed half-way yields only its remaining batches.
+    nothing, and a run resumed at step k draws exactly the batches k, k + 1, ... of an unbroken run. An epoch's
+    iterator starts at `next_index` and ends at the next multiple of `batches_per_epoch`, so an epoch resumed half-way
+    yields only its remaining batches.
+
+    Where an iterator starts is shared memory that its loader (`PairStreamLoader`) sets from the training step each
+    time an iterator is made, never state a worker advances: persistent workers keep their copy of the stream across
+    epochs, and the batches they made ahead for an iterator that was dropped (Lightning drops the first one of a run
+    resumed from an epoch-end checkpoint) would otherwise shift every later batch.
     A `target` that returns (points, labels) (a `LabelledSampler`) makes the batches (x0, x1, labels).
     """
 
@@ -44,7 +51,16 @@ class PairStream(IterableDataset):
         self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
         self.coupling: Coupling = IndependentCoupling()
         self.rank = 0
-        self.next_index = 0
+        self._start = torch.zeros((), dtype=torch.long).share_memory_()  # seen by every worker, set by the main process
+
+    @property
+    def next_index(self) -> int:
+        """The batch the next iterator starts at."""
+        return int(self._start)
+
+    @next_index.setter
+    def next_index(self, index: int) -> None:
+        self._start.fill_(int(index))
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -69,9 +85,29 @@ class PairStream(IterableDataset):
         start = self.next_index
         end = (start // self.batches_per_epoch + 1) * self.batches_per_epoch
         for index in range(start + worker, end, workers):
-            self.next_index = index + 1
             yield self.batch(index)
-        self.next_index = end
+        if info is None:  # the stream iterated in this process (no trainer to say where): the next epoch follows
+            self.next_index = end
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """A loader worker leaves Ctrl-C (SIGINT, sent to the whole terminal's process group) to its training process,
+    which checkpoints and stops them; a worker ended by it would fail the step in progress instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class PairStreamLoader(DataLoader):
+    """The DataLoader of a `PairStream`: every new iterator (each epoch, and the first of a resumed run) starts at
+    the batch `position()` names, the training step, in the main process and in every worker."""
+
+    def __init__(self, stream: PairStream, position: Callable[[], int], num_workers: int = 0) -> None:
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                         worker_init_fn=ignore_interrupts if num_workers > 0 else None)  # fmt: skip
+        self.position = position
+
+    def __iter__(self) -> Iterator[Any]:
+        self.dataset.next_index = self.position()
+        return super().__iter__()
 
 
 # loader workers "auto" starts at most, for a coupling that solves OT per batch: enough to keep up with a step that
@@ -139,7 +175,11 @@ class PairStreamDataModule(L.LightningDataModule):
         if workers > 0:
             self._leave_cpus_to_workers(workers, cpus)
         self.loader_workers, self.training_threads = workers, torch.get_num_threads()  # for metrics.json
-        return DataLoader(self._stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        return PairStreamLoader(self._stream, self._position, workers)
+
+    def _position(self) -> int:
+        """The first batch not yet trained on: one batch per optimiser step."""
+        return self.trainer.global_step if self.trainer is not None else self._stream.next_index
 
     def _leave_cpus_to_workers(self, workers: int, cpus: int) -> None:
         """Cap this process's intra-op threads at the CPUs the loader workers leave free: torch's idle threads spin
@@ -157,9 +197,8 @@ class PairStreamDataModule(L.LightningDataModule):
             self._threads_before = None
 
     def state_dict(self) -> dict[str, int]:
-        """Saved in checkpoints: the first batch not yet trained on (one batch per optimiser step)."""
-        step = self.trainer.global_step if self.trainer is not None else self._stream.next_index
-        return {"next_index": int(step)}
+        """Saved in checkpoints: the first batch not yet trained on."""
+        return {"next_index": int(self._position())}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._stream.next_index = int(state_dict["next_index"])
