@@ -128,7 +128,9 @@ def test_auto_workers_run_ot_beside_the_step_and_bad_counts_fail_in_one_line(mon
     monkeypatch.setattr(streams, "available_cpus", lambda: 1)
     assert loader_workers("auto", MinibatchOTCoupling("exact")) == 0
     assert loader_workers("auto", MinibatchOTCoupling("exact"), cpus=8) == 4  # a process's share of the CPUs
-    assert loader_workers(3, IndependentCoupling()) == 3
+    assert loader_workers(1, IndependentCoupling()) == 1
+    with pytest.raises(UserError, match="data.num_workers=3 is more than the 1 CPUs this process may use"):
+        loader_workers(3, IndependentCoupling())  # 1,000 workers on 2 cores took 137 s for 50 steps
     for bad in (-1, "many", 1.5, True):
         with pytest.raises(UserError, match=r"data.num_workers=.* must be auto or a whole number >= 0"):
             loader_workers(bad, IndependentCoupling())

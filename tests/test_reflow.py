@@ -220,3 +220,46 @@ def test_reflow_of_an_icfm_teacher_lowers_straightness_and_one_step_w2(tmp_path:
         assert done.returncode == 0, done.stderr[-2000:]
         one_step[run] = json.loads(Path(f"{run}_euler1/metrics.json").read_text())["w2"]
     assert one_step[student] < 0.8 * one_step[teacher]
+
+
+def test_corrupt_pairs_are_made_again_with_one_line_and_a_full_disk_stops_in_one(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    path = AffinePath(Linear())
+    field = VelocityField(GaussianDataField(path), VelocityObjective(), path)
+    solver = ODESolver("rk4", num_steps=4)
+    good = tmp_path / "good"
+    generate_pairs(field, GaussianSource(), solver, 450, 100, good)
+    x0, x1 = load_pairs(good, GaussianSource(), record=True)
+    assert len(json.loads((good / "pairs.json").read_text())["chunks"]) == 5  # checksums recorded once complete
+    broken = tmp_path / "broken"
+    generate_pairs(field, GaussianSource(), solver, 450, 100, broken)
+    load_pairs(broken, GaussianSource(), record=True)
+    chunk = broken / "chunk_000001.pt"
+    chunk.write_bytes(chunk.read_bytes()[:100])  # truncated
+    (broken / "chunk_000002.pt").write_bytes(b"\x13" * 4096)  # random bytes
+    torch.save({"x0": x0[:100], "x1": x1[:100], "nfe": 0}, broken / "chunk_000003.pt")  # another chunk's pairs
+    with pytest.raises(UserError, match="chunk_000001.pt does not verify"):
+        load_pairs(broken, GaussianSource())
+    capsys.readouterr()
+    report = generate_pairs(field, GaussianSource(), solver, 450, 100, broken)
+    said = [line for line in capsys.readouterr().out.splitlines() if "does not verify" in line]
+    assert report["pair_chunks_made"] == 3 and len(said) == 3  # one line per chunk made again
+    y0, y1 = load_pairs(broken, GaussianSource())
+    assert torch.equal(y0, x0) and torch.equal(y1, x1)
+    # an unreadable pairs.json cannot vouch for its chunks: they are set aside (not deleted) and made again
+    (broken / "pairs.json").write_text("{not json")
+    report = generate_pairs(field, GaussianSource(), solver, 450, 100, broken)
+    assert report["pair_chunks_made"] == 5 and len(list((broken / "unverified-1").glob("chunk_*.pt"))) == 5
+    assert torch.equal(load_pairs(broken, GaussianSource())[1], x1)
+    # a full disk while writing a chunk: one line, the chunks written before kept
+    import errno
+
+    from fmlab.reflow import pairs as pairs_module
+
+    def full_disk(target, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pairs_module, "write_tensors", full_disk)
+    with pytest.raises(UserError, match=r"could not write the reflow pairs .*chunk_000000.pt \(No space left"):
+        generate_pairs(field, GaussianSource(), solver, 450, 100, tmp_path / "full")

@@ -455,3 +455,118 @@ def test_a_checkpoint_written_before_classes_moved_resumes_and_rebuilds_its_run(
 
     for key in ("coupling", "solver"):  # and they build
         assert type(instantiate(OmegaConf.create(upgraded[key]))).__name__ in upgraded[key]["_target_"]
+
+
+def cli_error(entry: str, args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """`python -m fmlab.<entry> args` run in this process up to its pre-run checks: (exit status, stdout, stderr).
+    Every case below must stop there, so nothing is trained and no state outlives the call."""
+    import importlib
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    module = importlib.import_module(f"fmlab.{entry}")
+    saved = sys.argv
+    sys.argv = [f"fmlab-{entry}", *args]
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            module.main()
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()
+    out, err = capsys.readouterr()
+    return stopped.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def diverged_teacher(finished: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of a finished run whose metrics.json says it diverged."""
+    import shutil
+
+    teacher = tmp_path_factory.mktemp("diverged") / "teacher"
+    shutil.copytree(finished, teacher)
+    write_metrics(teacher, {"diverged": True})
+    return teacher
+
+
+# (entry point, arguments, what the one line must name): a value of every kind the build checks, each failing
+# before the config is printed and before a run dir exists
+BUILD_CASES = [
+    ("train", ["trainer.precision=banana"], "trainer.precision='banana' is invalid"),
+    ("train", ["trainer.accelerator=banana"], "trainer.accelerator='banana' is invalid"),
+    ("train", ["data.batch_size=abc"], "data.batch_size='abc' is invalid; it must be a number"),
+    ("train", ["eval.batch_size=abc"], "eval.batch_size='abc' is invalid; it must be a number"),
+    ("train", ["+trainer.max_stepz=5"], "trainer.max_stepz is not a setting of lightning.pytorch.Trainer"),
+    ("train", ["+net.widht=3"], "net.widht is not a setting of fmlab.nets.MLP"),
+    ("train", ["+callbacks.ema.decey=0.5"], "callbacks.ema.decey is not a setting of fmlab.callbacks.EMA"),
+    ("train", ["eval.num_draws=0"], "eval.num_draws=0"),
+    ("train", ["data.num_workers=1000"], "data.num_workers=1000 is more than the"),
+    ("train", ["conditioning=class", "conditioning.p_uncond=1.5"], "conditioning.p_uncond=1.5"),
+    ("train", ["conditioning=class", "conditioning.p_uncond=0"], "eval.nll_samples=250 needs the unconditional model"),
+    (
+        "train",
+        ["conditioning=class", "conditioning.p_uncond=0", "eval.nll_samples=0", "eval.guidance_scale=2"],
+        "eval.guidance_scale=2.0 needs the unconditional model",
+    ),  # fmt: skip
+    (
+        "train",
+        ["time_sampler=lognormal_sigma", "time_sampler.p_mean=100", "time_sampler.loss_weight=density_ratio"],
+        "puts 100% of training times at an end",
+    ),  # fmt: skip
+    ("train", ["time_sampler=logit_normal", "time_sampler.m=nan"], "time_sampler.m=nan is invalid"),
+    (
+        "train",
+        ["time_sampler=logit_normal", "time_sampler.m=6", "time_sampler.loss_weight=density_ratio"],
+        "degenerate loss weights",
+    ),  # fmt: skip
+    (
+        "train",
+        ["solver=edm_heun", "solver.s_churn=40", "solver.s_min=5", "solver.s_max=1"],
+        "leave no noise level to churn",
+    ),  # fmt: skip
+    ("train", ["coupling=reflow", "coupling.teacher=outputs/nope"], "coupling.teacher=outputs/nope does not exist"),
+    (
+        "train",
+        ["coupling=reflow", "coupling.teacher={finished}", "data=digits", "coupling.init_from_teacher=false"],
+        "was trained on data shaped [2]",
+    ),  # fmt: skip
+    ("train", ["coupling=reflow", "coupling.teacher={diverged}"], "coupling.teacher={diverged} diverged"),
+    ("evaluate", ["ckpt_path={finished}", "sweep=nfe", "sweep.num_steps=[]"], "sweep.num_steps=[] leaves"),
+    ("evaluate", ["ckpt_path={finished}", "sweep=guidance"], "sweep=guidance needs a class-conditional run"),
+    (
+        "evaluate",
+        [
+            "ckpt_path={finished}",
+            "sweep=nfe",
+            "sweep.fixed_step_methods=[]",
+            "sweep.adaptive_methods=[]",
+            "sweep.stochastic_methods=[]",
+        ],
+        "the sweep names no sampler",
+    ),  # fmt: skip
+    (
+        "evaluate",
+        ["ckpt_path={finished}", "sweep=nfe", "sweep.fixed_step_methods=[dopri5]"],
+        "sweep.fixed_step_methods lists dopri5, an adaptive sampler",
+    ),  # fmt: skip
+    ("evaluate", ["ckpt_path={finished}", "hydra.run.dir=/proc/fmlab-test/eval"], "cannot be used"),
+    ("table", ["table=cpu_small", "sweep_dir=/proc/fmlab-test/table"], "sweep_dir=/proc/fmlab-test/table cannot"),
+]
+
+
+@pytest.mark.parametrize("entry, args, expected", BUILD_CASES, ids=[" ".join(c[1]) for c in BUILD_CASES])
+def test_every_bad_value_ends_in_one_line_naming_it_before_anything_is_written(
+    entry: str, args: list[str], expected: str, finished: Path, diverged_teacher: Path, tmp_path: Path, capsys
+) -> None:
+    places = {"finished": finished, "diverged": diverged_teacher}
+    args = [a.format(**places) for a in args]
+    expected = expected.format(**places)
+    run_dir = tmp_path / "run"
+    if entry != "table" and not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={run_dir}")
+    before = tree_digest(finished)
+    status, out, err = cli_error(entry, args, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("fmlab: error: "), err[-2000:]
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in out + err and "├──" not in out  # no traceback, no config tree printed
+    assert not run_dir.exists() and tree_digest(finished) == before  # no new run dir, the old run untouched

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -263,3 +264,50 @@ def test_launches_skip_finished_sweeps_fill_in_partial_ones_and_run_fresh_ones_w
     assert launches["new"] == ["logger=csv", "seed=0,1", "method=ddpm", f"hydra.sweep.dir={tmp_path / 'new'}"]
     per_job = [launch.label for launch in pending_launches(table, tmp_path, whole_sweeps=False)]
     assert per_job == ["half_0", "new_0", "new_1"]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_sigterm_to_a_table_stops_every_job_with_its_checkpoint_and_the_rerun_resumes_them(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    sweep_dir = tmp_path / "sweep"
+    steps = ["logger=csv", "trainer.max_steps=3000", "data.batches_per_epoch=100", "eval.num_samples=64",
+             "eval.num_draws=1", "eval.nll_samples=0", "callbacks.sample_logger=null",
+             "extras.print_config=false"]  # fmt: skip
+    quoted = ",".join(f"'{o}'" for o in steps)
+    args = ["table=methods2d", f"sweep_dir={sweep_dir}", "workers=2", f"table.common=[{quoted},'seed=0']",
+            "~table.sweeps", "+table.sweeps={fm:['method=fm_ot'],icfm:['method=icfm']}"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    table = subprocess.Popen([sys.executable, "-m", "fmlab.table", *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    logs = [sweep_dir / "logs" / f"{name}_0.log" for name in ("fm", "icfm")]
+    deadline = time.monotonic() + 120
+    while not all(log.is_file() and "Epoch 2" in log.read_text() for log in logs):
+        assert table.poll() is None and time.monotonic() < deadline, table.stdout.read() if table.poll() else "slow"
+        time.sleep(0.2)
+    table.send_signal(signal.SIGTERM)  # the table's pid only, as a scheduler preempting it would
+    output, _ = table.communicate(timeout=120)
+    assert table.returncode == 143, output[-3000:]
+    assert processes_mentioning(str(sweep_dir)) == []  # no job left running
+    for name in ("fm", "icfm"):
+        (job,) = (sweep_dir / name).glob("0_*")
+        step = torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+        assert 200 <= step < 3000 and not (job / "metrics.json").exists()  # checkpointed where it was stopped
+    rerun = run_cli("fmlab.table", *args, cwd=tmp_path, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert rerun.stdout.count("ckpt_path=") == 2  # both jobs resumed from their checkpoints, not restarted
+    runs = collect_metrics(sweep_dir)
+    assert sorted(r["method"] for r in runs) == ["fm_ot", "icfm"] and all(r["steps"] == 3000 for r in runs)

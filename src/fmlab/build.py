@@ -191,7 +191,14 @@ def build_parts(cfg: DictConfig) -> Parts:
     except UserError as refusal:
         raise UserError(f"solver={solver.method}: {refusal}") from None
     evaluator = instantiated(cfg, "eval", **reused(cfg.eval, {"${solver}": solver}))
+    evaluator.check_field(module.velocity_field(), datamodule)
+    check_time_sampler(module)
     return Parts(datamodule, module, coupling, solver, evaluator, resume_step, teacher)
+
+
+def check_time_sampler(module: Any) -> None:
+    """The training-time distribution must fit the path: see `TimeSampler.check`."""
+    module.time_sampler.check(module.path)
 
 
 def check_optimizer(module: Any) -> None:
@@ -391,8 +398,8 @@ def sweep_samplers(sweep: DictConfig) -> list[Any]:
                 settings = {"atol": value, "rtol": value} if adaptive else {"num_steps": value}
                 sampler = solver_from_conf(name, f"sweep.{methods_key}", **settings)
                 if sampler.is_adaptive != adaptive:
-                    kind = "adaptive" if sampler.is_adaptive else "fixed-step"
-                    raise UserError(f"sweep.{methods_key} lists {name}, a {kind} sampler; move it to its own list")
+                    kind = "an adaptive" if sampler.is_adaptive else "a fixed-step"
+                    raise UserError(f"sweep.{methods_key} lists {name}, {kind} sampler; move it to its own list")
                 samplers.append(sampler)
     if not samplers:
         raise UserError("the sweep names no sampler: list one under sweep.fixed_step_methods, adaptive_methods or "
@@ -436,6 +443,7 @@ def build_evaluation(cfg: DictConfig) -> EvaluationRun:
         evaluator.solver.check_path(run.module.path)
     except UserError as refusal:
         raise UserError(f"solver={evaluator.solver.method}: {refusal}") from None
+    evaluator.check_field(run.velocity_field(), run.datamodule)
     if not cfg.get("sweep"):
         return EvaluationRun(key, run, evaluator)
     kind = cfg.sweep.get("kind", "nfe")
@@ -446,6 +454,8 @@ def build_evaluation(cfg: DictConfig) -> EvaluationRun:
     if kind == "guidance":
         if not run.velocity_field().num_classes:
             raise UserError("sweep=guidance needs a class-conditional run (trained with conditioning=class)")
+        if not run.velocity_field().learned_null:
+            raise UserError("sweep=guidance needs the unconditional model, which conditioning.p_uncond=0 never trained")
         if not list(cfg.sweep.get("guidance_scales") or []):
             raise UserError("sweep.guidance_scales is empty; give at least one scale, e.g. [0, 1, 2]")
     return EvaluationRun(key, run, evaluator, kind, sweep_samplers(cfg.sweep))

@@ -14,6 +14,11 @@ class UserError(ValueError):
     """A mistake in the user's input (config value, file, checkpoint), reported as one line."""
 
 
+class SolverError(UserError):
+    """An integration that cannot finish: the NFE cap was reached or the step size underflowed (a diverged model, or
+    a field made too large, such as by a huge guidance scale)."""
+
+
 def choices_error(name: str, value: object, choices: Iterable[object]) -> UserError:
     """The one-line error for a value outside a fixed set of choices."""
     listed = ", ".join(str(c) for c in sorted(choices, key=str))

@@ -103,7 +103,7 @@ class FlowModule(L.LightningModule):
 
     def velocity_field(self, net: nn.Module | None = None) -> VelocityField:
         """The PF-ODE drift of this method, for `net` (default: the trained net; callbacks pass the EMA copy)."""
-        return VelocityField(net if net is not None else self.net, self.objective, self.path)
+        return VelocityField(net if net is not None else self.net, self.objective, self.path, self.p_uncond > 0)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         loss = self._loss(*batch, drop_labels=True)

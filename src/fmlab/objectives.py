@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from fmlab.errors import UserError
+from fmlab.errors import SolverError, UserError
 from fmlab.paths.path import AffinePath
 
 # the net as an objective calls it, net(t, x_t): a plain nn.Module, or one bound to a batch's class labels
@@ -162,9 +162,12 @@ class VelocityField(nn.Module):
     A class-conditional net (`net.num_classes` = K > 0) is asked for `labels` set with `conditioned_on(labels, w)`,
     guided with scale w; without labels it is the unconditional model (the null class ∅)."""
 
-    def __init__(self, net: nn.Module, objective: Objective, path: AffinePath) -> None:
+    def __init__(self, net: nn.Module, objective: Objective, path: AffinePath, learned_null: bool = True) -> None:
         super().__init__()
         self.net, self.objective, self.path = net, objective, path
+        # whether a class-conditional net learned the null class ∅ (label dropout p_uncond > 0): guidance and the
+        # unconditional likelihood read it
+        self.learned_null = bool(learned_null)
         self.nfe = 0
         self.labels: Tensor | None = None
         self.guidance_scale = 0.0
@@ -192,6 +195,14 @@ class VelocityField(nn.Module):
         self.labels, self.guidance_scale = labels, float(guidance_scale)
         try:
             yield self
+        except SolverError as failure:
+            if not guidance_scale:
+                raise
+            # the guided field (1 + w) f(x, y) − w f(x, ∅) grows with w: name the scale, not the training
+            raise SolverError(
+                f"eval.guidance_scale={guidance_scale:g} made the guided field too large to integrate "
+                f"({str(failure).split(':')[0]}); the papers guide with w of 0 to about 10: lower eval.guidance_scale"
+            ) from None
         finally:
             self.labels, self.guidance_scale = saved
 

@@ -130,6 +130,11 @@ def loader_workers(num_workers: int | str, coupling: Coupling, cpus: int | None 
         return min(AUTO_OT_WORKERS, cpus - 1) if coupling.solves_per_batch else 0
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"data.num_workers={num_workers!r} is invalid; it must be auto or a whole number >= 0")
+    if num_workers > available_cpus():
+        raise UserError(
+            f"data.num_workers={num_workers} is more than the {available_cpus()} CPUs this process may use (each "
+            "worker is a process); choose auto or at most that many"
+        )
     return num_workers
 
 

@@ -223,18 +223,35 @@ class Evaluator:
         self._tick: Callable[[], Any] | None = None
         self._fid: tuple[Any, Any, Any] | None = None  # (metric, prepare, reference states), built once
 
-    @torch.no_grad()
-    def evaluate(self, field: VelocityField, datamodule: EvaluationData, ranks: Ranks | None = None) -> dict[str, Any]:
-        """All metrics of `field` (e.g. `module.velocity_field(ema_net)`) on `datamodule`; every rank must call this
-        together."""
-        ranks = ranks or Ranks()
+    def check_field(self, field: VelocityField, datamodule: EvaluationData | None = None) -> None:
+        """One line, before any sampling, for an evaluation this field cannot give: guidance without classes, a
+        bad eval.labels, and guidance or the (unconditional) likelihood of a class-conditional net that never
+        learned the null class (conditioning.p_uncond=0: its ∅ outputs are untrained weights, not a model)."""
         if self.guidance_scale and not field.num_classes:
             raise UserError(
                 f"eval.guidance_scale={self.guidance_scale} needs a class-conditional run (conditioning=class); "
                 "this one is unconditional"
             )
-        if field.num_classes:
-            class_labels(self.labels, field.num_classes, 0, 1)  # a bad eval.labels stops before any sampling
+        if not field.num_classes:
+            return
+        class_labels(self.labels, field.num_classes, 0, 1)
+        needs_null = {"eval.guidance_scale": self.guidance_scale}
+        if datamodule is None or datamodule.source == "gaussian":
+            needs_null["eval.nll_samples"] = self.nll_samples
+        asked = [f"{key}={value}" for key, value in needs_null.items() if value]
+        if asked and not field.learned_null:
+            verb = "needs" if len(asked) == 1 else "need"
+            raise UserError(
+                f"{' and '.join(asked)} {verb} the unconditional model, which conditioning.p_uncond=0 never trained; "
+                "set them to 0, or train with conditioning.p_uncond > 0 (0.2 by default)"
+            )
+
+    @torch.no_grad()
+    def evaluate(self, field: VelocityField, datamodule: EvaluationData, ranks: Ranks | None = None) -> dict[str, Any]:
+        """All metrics of `field` (e.g. `module.velocity_field(ema_net)`) on `datamodule`; every rank must call this
+        together."""
+        ranks = ranks or Ranks()
+        self.check_field(field, datamodule)
         started = time.perf_counter()
         was_training = field.training
         field.eval()

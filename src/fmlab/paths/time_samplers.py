@@ -36,6 +36,46 @@ class TimeSampler(ABC):
     def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
         """log of the density of u on [0, 1]."""
 
+    # how many draws `check` looks at, and when it calls the distribution degenerate
+    CHECK_DRAWS = 8192
+    MOST_AT_AN_END = 0.5  # of the draws within 1e-6 of t_min or t_max
+    WEIGHT_MEAN_RANGE = (0.1, 10.0)  # E_p[p_uniform/p] = 1
+    MIN_EFFECTIVE_FRACTION = 1e-3  # (Σw)²/(n Σw²) of the density-ratio weights
+
+    def check(self, path: AffinePath) -> None:
+        """One line for a distribution that makes training degenerate on this path, before any step: a setting
+        that is not a finite number, most draws piled at an end of [t_min, t_max] (e.g. noise levels beyond the
+        path's range, all clipped to t_min), or density-ratio weights that are not finite or carry the loss on a
+        handful of draws (their mean must be near E_p[p_uniform/p] = 1)."""
+        name = f"time_sampler={type(self).__name__}({self._settings()})"
+        for key, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"time_sampler.{key}={value} is invalid; it must be a finite number")
+        with torch.random.fork_rng():  # a check leaves the run's random streams as they were
+            torch.manual_seed(0)
+            t = self.sample(path, self.CHECK_DRAWS, dtype=torch.float64)
+        width = path.t_max - path.t_min
+        at_ends = float(((t - path.t_min <= 1e-6 * width) | (path.t_max - t <= 1e-6 * width)).double().mean())
+        if self.piles_at_ends_by_design is False and at_ends > self.MOST_AT_AN_END:
+            raise UserError(
+                f"{name} puts {at_ends:.0%} of training times at an end of {path!r}'s [t_min, t_max] (settings beyond "
+                "the path's range are clipped there); choose settings inside it"
+            )
+        weights = self.weights(path, t)
+        if weights is None:
+            return
+        mean = float(weights.mean())
+        effective = float(weights.sum() ** 2 / (len(weights) * weights.pow(2).sum())) if math.isfinite(mean) else 0.0
+        low, high = self.WEIGHT_MEAN_RANGE
+        if not (low <= mean <= high and effective >= self.MIN_EFFECTIVE_FRACTION):
+            raise UserError(
+                f"{name} with loss_weight=density_ratio gives degenerate loss weights on {path!r} (mean {mean:.3g}, "
+                f"should be near 1; {effective:.2%} effective draws): choose a distribution that covers the path, "
+                "or loss_weight=none"
+            )
+
+    piles_at_ends_by_design = False
+
     def sample(self, path: AffinePath, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
         u = self.sample_unit(path, n).clamp(0.0, 1.0)
         t = path.t_min + (path.t_max - path.t_min) * u
@@ -236,6 +276,8 @@ class GridTime(TimeSampler):
     visits. Training a reflowed model on its own pairs at these times only is the k-step distillation of Liu et al.
     2023 (gnobitab/RectifiedFlow, `reflow_t_schedule` = k; k = 1: t = t_min alone, their "t0"). A discrete
     distribution: it has no density, so no density-ratio weight."""
+
+    piles_at_ends_by_design = True  # k = 1 trains at t_min alone: the 1-step distillation
 
     def __init__(self, k: int = 1, loss_weight: str = "none") -> None:
         super().__init__(loss_weight)

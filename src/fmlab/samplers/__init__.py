@@ -5,7 +5,8 @@ sweep and the command line read it, and a test checks conf/solver against it. Ea
 that changes its samples (`describe`), and NFE is always the net calls the field counted.
 """
 
-from fmlab.samplers.base import Sampler, SampleResult, SolverError, denoised, marginal_score, run_grid, sample
+from fmlab.errors import SolverError
+from fmlab.samplers.base import Sampler, SampleResult, denoised, marginal_score, run_grid, sample
 from fmlab.samplers.diffusion import AncestralSampler, EulerMaruyama, PredictorCorrector, langevin_step
 from fmlab.samplers.edm import EDMHeun
 from fmlab.samplers.ode import ADAPTIVE_METHODS, FIXED_STEP_METHODS, ODESolver, PathEnergyResult, path_energy

@@ -22,10 +22,6 @@ from fmlab.objectives import VelocityField
 from fmlab.paths.path import AffinePath
 
 
-class SolverError(UserError):
-    """An integration that cannot finish: the NFE cap was reached or the step size underflowed (a diverged model)."""
-
-
 @runtime_checkable
 class Sampler(Protocol):
     """What every sampler is: its registry name (`method`), whether its steps adapt to the field and whether it

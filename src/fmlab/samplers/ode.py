@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
-from fmlab.errors import UserError, choices_error
+from fmlab.errors import SolverError, UserError, choices_error
 from fmlab.objectives import VelocityField
 from fmlab.paths.path import AffinePath
-from fmlab.samplers.base import SolverError, check_num_steps, describe_repr, uniform_grid
+from fmlab.samplers.base import check_num_steps, describe_repr, uniform_grid
 
 # fmlab's names of torchdiffeq's methods (heun is torchdiffeq's heun2)
 FIXED_STEP_METHODS = {"euler": "euler", "midpoint": "midpoint", "heun": "heun2", "heun3": "heun3", "rk4": "rk4"}
