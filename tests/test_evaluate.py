@@ -40,6 +40,7 @@ def evaluate(run_dir: Path, out: Path, *overrides: str) -> dict:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "evaluating (" in result.stderr  # the progress bar over evaluation chunks
+    assert f"fmlab: run dir: {out}" in result.stdout.strip().splitlines()[-2:]  # the closing summary
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -63,6 +64,13 @@ def test_evaluating_the_checkpoint_reproduces_the_training_time_evaluation(runs,
         assert evaluated[key] == pytest.approx(trained[key], rel=1e-9, abs=1e-12), key
     raw = evaluate(runs["moons"], tmp_path / "raw", "use_ema=false")
     assert raw["w2"] != evaluated["w2"]  # the EMA weights are what was evaluated
+    # fmlab.evaluate writes its own card: the same training, this evaluation's solver and weights
+    card, raw_card = evaluated["card"], raw["card"]
+    assert card["solver"] == trained["card"]["solver"] and card["training_steps"] == 300
+    assert card["checkpoint"]["step"] == 300 and card["checkpoint"]["scored"].endswith(".ckpt")
+    assert (card["evaluated_weights"], raw_card["evaluated_weights"]) == ("EMA", "trained")
+    assert card["global_batch_size"] == trained["card"]["global_batch_size"]
+    assert card["reference"] == trained["card"]["reference"]
 
 
 def test_a_notebook_evaluates_a_run_without_a_trainer_and_gets_the_runs_own_numbers(runs) -> None:

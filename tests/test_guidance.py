@@ -306,3 +306,20 @@ def test_image_loaders_read_their_real_label_files(tmp_path: Path) -> None:
     assert imagenet.train_labels.tolist() == [0, 1, 2, 0, 1, 2]  # the files' 1-based labels, counted from 0
     with pytest.raises(UserError, match=r"labels span 0\.\.2, outside the data.num_classes=2"):
         DownsampledImageNetDataModule(data_dir=str(tmp_path), batch_size=2, with_labels=True, num_classes=2)
+
+
+def test_a_guidance_scale_too_large_to_integrate_is_named_as_the_cause() -> None:
+    """A huge w makes the guided field (1 + w) f(x, y) − w f(x, ∅) too stiff for dopri5: the one line names
+    eval.guidance_scale, not the training (the unguided field integrates in a few dozen calls)."""
+    from fmlab.errors import SolverError
+
+    path = AffinePath(CondOT())
+    field = VelocityField(class_oracle(path), VelocityObjective(), path)
+    solver = ODESolver("dopri5", atol=1e-5, rtol=1e-5, max_nfe=100)
+    x0 = torch.randn(30, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.arange(30) % 3
+    with field.conditioned_on(labels, guidance_scale=0.0):
+        assert sample(field, x0, solver).nfe < 100  # field calls; a guided call is one call, two NFE
+    too_large = pytest.raises(SolverError, match=r"^eval.guidance_scale=1e\+06 made the guided field too large")
+    with too_large, field.conditioned_on(labels, guidance_scale=1e6):
+        sample(field, x0, solver)

@@ -91,6 +91,23 @@ def test_default_job_leaves_config_csv_wandb_checkpoint_png_and_metrics(tmp_path
     assert metrics["steps"] == 120
     assert f"fmlab: net MLP with {metrics['net_parameters']:,} parameters" in result.stdout
     assert metrics["net_parameters"] == (3 * 128 + 128) + 2 * (128 * 128 + 128) + (128 * 2 + 2)  # conf/net/mlp.yaml
+    # the first ten minutes: what was run on screen (the whole config in its file), no warning a user cannot act
+    # on, and the run ends with fmlab's summary as its last lines, after W&B's
+    output = result.stdout + result.stderr
+    assert "fmlab: groups: " in result.stdout and "method=fm_ot" in result.stdout and "├──" not in result.stdout
+    assert "optimizer" in (run_dir / "config_tree.log").read_text()
+    assert "validation_step" not in output and "Warning" not in output
+    tail = result.stdout.strip().splitlines()[-5:]
+    assert tail[0].startswith(f"fmlab: train result: W2 {metrics['w2']:.3f} ± {metrics['w2_std']:.3f} (floor ")
+    assert f"fmlab: run dir: {run_dir}" in tail and f"fmlab: samples: {run_dir / 'samples.png'}" in tail
+    # the result card: what these numbers were measured with
+    card = metrics["card"]
+    assert card["solver"] == {"method": "dopri5", "atol": 1e-5, "rtol": 1e-5, "max_nfe": 10000}
+    assert (card["precision"], card["matmul_precision"], card["ema"]) == ("32-true", "highest", {"decay": 0.9995})
+    assert card["checkpoint"] == {"scored": "last", "step": 120} and card["evaluated_weights"] == "EMA"
+    assert (card["devices"], card["per_device_batch_size"], card["global_batch_size"]) == (1, 256, 256)
+    assert card["samples_seen"] == 120 * 256 and card["reference"]["size"] == 300
+    assert card["versions"]["torch"] == torch.__version__ and card["likelihood"]["solver"] == card["solver"]
 
 
 @pytest.mark.parametrize(

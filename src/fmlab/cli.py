@@ -164,6 +164,8 @@ _ADVERTISING = "💡 Tip:"
 THIRD_PARTY_DEPRECATIONS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r".*The anonymous setting has no effect.*",
+    # every point-data run: FlowModule validates only where the datamodule has a val split, nothing to act on
+    r".*You defined a `validation_step` but have no `val_dataloader`.*",
 )
 
 
@@ -188,9 +190,10 @@ def quiet_third_party_output() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def config_tree(cfg: DictConfig, output_dir: str | Path | None = None) -> None:
-    """Print the composed config as a tree, one branch per top-level key, and write it to `output_dir`'s
-    config_tree.log."""
+def config_tree(cfg: DictConfig) -> str:
+    """The composed config as a tree, one branch per top-level key (lightning-hydra-template's habit), as text."""
+    import io
+
     from rich.console import Console
     from rich.syntax import Syntax
     from rich.tree import Tree
@@ -206,16 +209,29 @@ def config_tree(cfg: DictConfig, output_dir: str | Path | None = None) -> None:
             branch.add(Syntax(text, "yaml", theme="ansi_dark"))
         else:
             branch.add(str(value))
-    Console().print(tree)
-    if output_dir is not None:
-        import io
+    text = io.StringIO()
+    Console(file=text, width=120, color_system=None).print(tree)
+    return text.getvalue()
 
-        from fmlab.io import write_atomically
 
-        text = io.StringIO()
-        Console(file=text, width=120, color_system=None).print(tree)
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        write_atomically(Path(output_dir) / "config_tree.log", text.getvalue().encode())
+def what_was_run(cfg: DictConfig, output_dir: str | Path, echo: bool = True) -> None:
+    """Write the whole composed config to <output_dir>/config_tree.log, and print what a user asks of a run: the
+    option each config group chose and the command line's overrides (the whole config is in that file)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fmlab.io import write_text
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text(output_dir / "config_tree.log", config_tree(cfg))
+    if not echo or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if v is not None and not k.startswith("hydra")}
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")]
+    print("fmlab: groups: " + " ".join(f"{k}={v}" for k, v in sorted(choices.items())), flush=True)
+    print(f"fmlab: overrides: {' '.join(overrides) or '(none)'}", flush=True)
+    print(f"fmlab: the whole config: {output_dir / 'config_tree.log'}", flush=True)
 
 
 def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictConfig:

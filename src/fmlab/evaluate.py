@@ -30,6 +30,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from fmlab.evaluation import guidance_sweep, nfe_sweep
     from fmlab.io import write_csv
     from fmlab.plotting import plot_guidance_sweep, plot_nfe_sweep
+    from fmlab.results import summary_lines, training_card
     from fmlab.runs import write_metrics
 
     if (cfg.get("extras") or {}).get("ignore_warnings", True):
@@ -69,8 +70,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         metrics.update(evaluator.evaluate(run.velocity_field(), run.datamodule, ranks))
     metrics["wall_seconds"] = time.perf_counter() - started
+    # this evaluation's card: the run's training as its config says, these weights, this evaluation's settings
+    trained = run.config.trainer
+    devices = trained.get("devices", 1)
+    world = devices * trained.get("num_nodes", 1) if isinstance(devices, int) else str(devices)
+    ema = run.net is not run.module.net  # the checkpoint's EMA weights were loaded
+    decay = (run.config.get("callbacks") or {}).get("ema", {}).get("decay") if ema else None
+    card = {**training_card(run.config, run.step, world, decay), **metrics.pop("card", {})}
+    card["checkpoint"] = {"scored": metrics["ckpt_path"], "step": run.step}
+    card["evaluated_weights"] = "EMA" if ema else "trained"
+    metrics["card"] = card
     if ranks.rank == 0:
         write_metrics(output_dir, metrics)
+        print("\n".join(summary_lines(metrics, output_dir, "evaluate")), flush=True)
     end_process_group()
     return metrics
 

@@ -119,6 +119,11 @@ def render_markdown(table: DictConfig, cells: dict[tuple[str, str], list[dict]])
     ]
     if table.get("reference"):
         lines.append(f"Published numbers in parentheses: {table.reference_source}.")
+    cards = [(column, sorted({card_line(r["card"]) for (_, col), rs in cells.items() if col == column for r in rs
+                              if isinstance(r.get("card"), dict)})) for column in columns]  # fmt: skip
+    if any(found for _, found in cards):
+        lines.append("Result cards (what each column's numbers were measured with):")
+        lines += [f"- {column_labels.get(c, c)}: {line}" for c, found in cards for line in found]
     if any(f.endswith("(fixed sets)") for f in floors):
         lines.append(
             "A floor marked (fixed sets) is measured on the same held-out sets in every run: it does not vary over"
@@ -177,27 +182,57 @@ class SweepSummary(Callback):
             print(f"fmlab: sweep summary: {target}")
 
 
+def training_card(cfg: Any, steps: int, world_size: int | str, ema_decay: float | None) -> dict[str, Any]:
+    """The training half of a result card, from a run's config: precision, EMA, devices × per-device batch =
+    global batch, steps and samples seen, seeds, versions."""
+    import lightning
+    import torch
+
+    from fmlab import __version__
+
+    trainer = cfg.trainer
+    per_device = int(cfg.data.batch_size)
+    accumulate = int(trainer.get("accumulate_grad_batches", 1) or 1)
+    global_batch = per_device * world_size * accumulate if isinstance(world_size, int) else None
+    performance = cfg.get("performance") or {}
+    return {
+        "precision": str(trainer.get("precision", "32-true")),
+        "matmul_precision": performance.get("matmul_precision", "highest"),
+        "compiled": bool(performance.get("compile", False)),
+        "ema": {"decay": ema_decay} if ema_decay is not None else "none",
+        "devices": world_size,
+        "per_device_batch_size": per_device,
+        "accumulate_grad_batches": accumulate,
+        "global_batch_size": global_batch,
+        "training_steps": steps,
+        "samples_seen": steps * global_batch if global_batch is not None else None,
+        "seed": cfg.seed,
+        "versions": {"fmlab": __version__, "torch": torch.__version__, "lightning": lightning.__version__},
+    }
+
+
 def run_metrics(run: Any, evaluation: dict[str, Any], started: float) -> dict[str, Any]:
     """What a training run's metrics.json records: what was run, the cost of training (train_seconds: the wall
-    time of `fit`, over every resumed segment; the threads and loader workers it had) and the evaluation.
-    `run` is a `fmlab.build.TrainingRun`; `started` the `time.perf_counter()` the run began at."""
+    time of `fit`, over every resumed segment; the threads and loader workers it had), the evaluation and its
+    result card. `run` is a `fmlab.build.TrainingRun`; `started` the `time.perf_counter()` the run began at."""
     import time
 
     import torch
 
     from fmlab import __version__
+    from fmlab.callbacks import EMA
     from fmlab.callbacks.resume import TrainingClock
     from fmlab.module import net_parameters
     from fmlab.runs import config_digest
 
-    cfg, module, datamodule = run.cfg, run.module, run.datamodule
+    cfg, module, datamodule, trainer = run.cfg, run.module, run.datamodule, run.trainer
     metrics: dict[str, Any] = {
         "method": cfg.method.name,
         "data": cfg.data.get("target", cfg.data.get("name")),
         "source": cfg.data.get("source", "gaussian"),
         "seed": cfg.seed,
         "tags": list(cfg.get("tags") or []),
-        "steps": run.trainer.global_step,
+        "steps": trainer.global_step,
         "config_digest": config_digest(cfg),
         "path": repr(module.path),
         "objective": repr(module.objective),
@@ -218,7 +253,69 @@ def run_metrics(run: Any, evaluation: dict[str, Any], started: float) -> dict[st
     metrics.update(evaluation)
     metrics.update(datamodule.generation)  # reflow: the pairs' cost
     metrics["wall_seconds"] = time.perf_counter() - started
+    ema = next((c for c in run.callbacks if isinstance(c, EMA)), None)
+    card = training_card(cfg, trainer.global_step, trainer.world_size, ema.decay if ema is not None else None)
+    card["checkpoint"] = {"scored": evaluation.get("eval_checkpoint", "last"),
+                          "step": evaluation.get("eval_checkpoint_step", trainer.global_step)}  # fmt: skip
+    card["evaluated_weights"] = "EMA" if ema is not None else "trained"
+    metrics["card"] = {**card, **evaluation.get("card", {})}
     return metrics
+
+
+def card_line(card: dict[str, Any]) -> str:
+    """A result card in one line, for tables and the end of a run."""
+    solver = card.get("solver", {})
+    settings = ", ".join(f"{k} {v}" for k, v in solver.items() if k != "method")
+    parts = [f"{solver.get('method', '?')} ({settings})" if solver else None]
+    if "global_batch_size" in card:
+        parts.append(f"{card['devices']}×{card['per_device_batch_size']} = {card['global_batch_size']} batch, "
+                     f"{card['training_steps']} steps")  # fmt: skip
+    if "ema" in card:
+        ema = card["ema"]
+        parts.append(f"EMA {ema['decay']}" if isinstance(ema, dict) else "no EMA")
+    if "checkpoint" in card:
+        parts.append(f"{card['checkpoint']['scored']} checkpoint (step {card['checkpoint']['step']})")
+    if "precision" in card:
+        parts.append(f"{card['precision']}, matmul {card['matmul_precision']}")
+    reference = card.get("reference", {})
+    if reference:
+        extractor = f", {reference['feature_extractor']} {reference.get('extractor_sha256', '')}" if (
+            "feature_extractor" in reference) else ""  # fmt: skip
+        parts.append(f"{reference['metric'].split(' ')[0]} vs {reference.get('size')} reference{extractor}")
+    return "; ".join(p for p in parts if p)
+
+
+def summary_lines(metrics: dict[str, Any], run_dir: Path, kind: str = "train") -> list[str]:
+    """The end of a run in a glance: the headline metrics (W2 ± std and its floor, or FID/BPD), NFE, NLL, the
+    time, the diverged flag, and where the run and its picture are."""
+
+    def number(key: str, digits: int = 3) -> str | None:
+        value = metrics.get(key)
+        return f"{value:.{digits}f}" if isinstance(value, int | float) else None
+
+    headline = []
+    for key, label in (("w2", "W2"), ("fid", "FID")):
+        if number(key) is not None:
+            spread = f" ± {number(key + '_std')}" if number(key + "_std") is not None else ""
+            floor = f" (floor {number('w2_floor')})" if key == "w2" and number("w2_floor") is not None else ""
+            headline.append(f"{label} {number(key)}{spread}{floor}")
+    for key, label, digits in (("bpd", "BPD", 3), ("nll", "NLL", 3), ("nfe", "NFE", 1), ("mmd", "MMD²", 4),
+                               ("class_accuracy", "class accuracy", 3)):  # fmt: skip
+        if number(key, digits) is not None:
+            headline.append(f"{label} {number(key, digits)}")
+    timing = [f"{label} {number(key, 1)} s" for key, label in (("train_seconds", "training"),
+              ("eval_seconds", "evaluation"), ("wall_seconds", "wall")) if number(key, 1) is not None]  # fmt: skip
+    lines = [f"fmlab: {kind} result: " + (", ".join(headline) or "no evaluation")]
+    steps = f"{metrics['steps']} steps, " if "steps" in metrics else ""
+    lines.append(f"fmlab: {steps}{', '.join(timing)}; diverged: {'yes' if metrics.get('diverged') else 'no'}")
+    if metrics.get("card"):
+        lines.append(f"fmlab: card: {card_line(metrics['card'])}")
+    lines.append(f"fmlab: run dir: {run_dir}")
+    picture = next((p for p in (run_dir / "samples.png", run_dir / "nfe_sweep.png", run_dir / "guidance_sweep.png")
+                    if p.is_file()), None)  # fmt: skip
+    if picture is not None:
+        lines.append(f"fmlab: samples: {picture}")
+    return lines
 
 
 # the reflow table (scripts/reflow_table.py): its stages, in order, and the Euler step counts it reports

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fmlab.build import TrainingRun, build_parts, build_training, in_multirun, preflight
-from fmlab.cli import CONFIG_PATH, config_tree, quiet_third_party_output, run_entry_point
+from fmlab.cli import CONFIG_PATH, quiet_third_party_output, run_entry_point, what_was_run
 from fmlab.errors import exit_on_user_error
 from fmlab.runs import check_new_run_dir, is_launching_process, lock_run_dir, optimized_value, write_metrics
 
@@ -73,7 +73,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from fmlab.distributed import end_process_group
     from fmlab.loggers import finish_wandb, keep_history_before, log_final_metrics
     from fmlab.module import net_parameters
-    from fmlab.results import run_metrics
+    from fmlab.results import run_metrics, summary_lines
     from fmlab.samplers import SolverError
 
     extras = cfg.get("extras") or {}
@@ -86,8 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if is_launching_process():
         lock_run_dir(run.output_dir)
         check_new_run_dir(cfg, run.output_dir)
-        if extras.get("print_config", False):
-            config_tree(cfg, run.output_dir)
+        what_was_run(cfg, run.output_dir, echo=extras.get("print_config", False))
         keep_history_before(run.loggers, parts.resume_step)  # rank 0 writes the loggers' files
     started = time.perf_counter()
     try:
@@ -110,6 +109,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log_final_metrics(run.loggers, metrics)
     finally:
         finish_wandb(run.loggers)
+    if run.trainer.is_global_zero:  # the last screen: fmlab's own summary, with or without W&B
+        print("\n".join(summary_lines(metrics, run.output_dir)), flush=True)
     end_process_group()
     return metrics
 

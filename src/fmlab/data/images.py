@@ -166,6 +166,7 @@ class DigitsDataModule(ImageDataModule):
     """
 
     name = "digits"
+    variant = "scikit-learn's 8x8 digits (17 levels), fixed 1,437 train / 360 test split"
     fid_feature = "digits"
     num_levels = 17
     data_shape = (1, 8, 8)
@@ -220,6 +221,7 @@ class MNISTDataModule(ImageDataModule):
     """MNIST through torchvision: the idx files under `<data_dir>/MNIST/raw/` (downloaded there when possible)."""
 
     name = "mnist"
+    variant = "MNIST idx files (60,000 train / 10,000 test), 28x28, 256 levels"
     data_shape = (1, 28, 28)
     files = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -247,6 +249,7 @@ class CIFAR10DataModule(ImageDataModule):
     in CHW order), downloaded by torchvision when missing and possible. Random horizontal flips by default."""
 
     name = "cifar10"
+    variant = "CIFAR-10 python batches (50,000 train / 10,000 test), 32x32, 256 levels"
     data_shape = (3, 32, 32)
     folder = "cifar-10-batches-py"
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
@@ -296,6 +299,8 @@ class DownsampledImageNetDataModule(ImageDataModule):
 
             raise choices_error("data.resolution", resolution, (32, 64))
         self.name, self.data_shape = f"imagenet{resolution}", (3, resolution, resolution)
+        # the Chrabaszcz et al. 2017 release (npz batches), not the Oord et al. 2016 downsampling: they differ
+        self.variant = f"Chrabaszcz et al. 2017 downsampled ImageNet {resolution}x{resolution} (train_data_batch_*.npz)"
         super().__init__(*args, **kwargs)
 
     def load(self) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,8 @@ class EvaluationData(Protocol):
     `source` is "gaussian" for a N(0, I) source (likelihoods are defined then) or a dataset's name; `seed` seeds
     every evaluation stream (source draws, sampler noise). Image data (`is_image`) also have `num_levels`
     (quantisation levels, for bits/dim), `fid_feature` (the FID feature space) and `reference_images()` (the FID
-    reference set); point data have 0, None and no reference images.
+    reference set); point data have 0, None and no reference images. `variant` says which version of the dataset
+    this is, in words (the result card records it: two ImageNet-32s give different numbers).
     """
 
     name: str
@@ -25,6 +26,7 @@ class EvaluationData(Protocol):
     seed: int
     num_levels: int
     fid_feature: str | None
+    variant: str  # which version of the dataset, in words (result cards record it)
 
     def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
         """`n` data points never trained on, fixed per `index` (images take `dequantization=k` too: the k-th

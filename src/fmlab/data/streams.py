@@ -146,6 +146,7 @@ class PairStreamDataModule(L.LightningDataModule):
     is_image = False
     num_levels = 0  # point data: no quantisation, no FID feature space
     fid_feature: str | None = None
+    variant = "fmlab's generator of this distribution"
     target: str
     source: str
     seed: int

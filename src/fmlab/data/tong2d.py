@@ -153,6 +153,8 @@ class TongDataModule(PairStreamDataModule):
     dataset drawn again at `data_seed + k` (an independent draw: the floor W2 compares the two).
     """
 
+    variant = "Tong et al. 2024's runner datasets: 12,000 points drawn once at data_seed, split 10,000/1,000/1,000"
+
     def __init__(
         self,
         target: str = "tong_moons",

@@ -152,6 +152,8 @@ def get_distribution(name: str, role: str = "data.target") -> Sampler:
 class Toy2DDataModule(PairStreamDataModule):
     """(source → target) 2D data: training pairs, plus fixed held-out sets for evaluation (`EvaluationData`)."""
 
+    variant = "fmlab.data.toy2d: a fresh draw per batch (moons and 8gaussians as TorchCFM's tutorial defines them)"
+
     def __init__(
         self,
         target: str = "moons",

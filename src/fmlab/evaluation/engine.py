@@ -222,6 +222,7 @@ class Evaluator:
         self._fidelity: tuple[Any, Tensor] | None = None  # (extractor, reference features), built once
         self._tick: Callable[[], Any] | None = None
         self._fid: tuple[Any, Any, Any] | None = None  # (metric, prepare, reference states), built once
+        self._fid_reference: dict[str, Any] = {}  # what the FID compares with, for the result card
 
     def check_field(self, field: VelocityField, datamodule: EvaluationData | None = None) -> None:
         """One line, before any sampling, for an evaluation this field cannot give: guidance without classes, a
@@ -277,7 +278,43 @@ class Evaluator:
         )
         if field.num_classes:
             results.update(guidance_scale=self.guidance_scale, labels=self.labels)
+        results["card"] = self.card(field, datamodule, ranks, "nll" in results)
         return results
+
+    def card(self, field: VelocityField, datamodule: EvaluationData, ranks: Ranks, with_nll: bool) -> dict[str, Any]:
+        """The evaluation half of a result card: everything that decides these numbers besides the weights (the
+        sampler and how NFE is counted, the draws, what the metric compares with, the likelihood's settings)."""
+        card: dict[str, Any] = {
+            "solver": self.solver.describe(),
+            "nfe": f"net calls per batch of {self.batch_size} samples, mean over batches (a guided call counts 2)",
+            "samples": f"{self.num_draws} draws of {self.num_samples}",
+            "eval_world_size": ranks.world_size,
+            "data": {"name": datamodule.name, "variant": datamodule.variant, "seed": datamodule.seed},
+        }
+        if datamodule.is_image:
+            card["reference"] = {"metric": "fid", **self._fid_reference}
+        else:
+            card["reference"] = {
+                "metric": "w2 (exact EMD, POT) and mmd",
+                "against": f"held-out draw 0 of data={datamodule.name} (seed {datamodule.seed}), never trained on",
+                "size": self.num_samples,
+                "floor": f"held-out draws 1..{self.num_draws} against draw 0",
+            }
+        if field.num_classes:
+            card["guidance"] = {"scale": self.guidance_scale, "labels": self.labels}
+        if with_nll:
+            solver = self.likelihood_solver or (
+                self.solver if isinstance(self.solver, ODESolver) else DEFAULT_LIKELIHOOD_SOLVER
+            )
+            card["likelihood"] = {
+                "solver": solver.describe(),
+                "divergence": self.divergence or ("hutchinson" if datamodule.is_image else "exact"),
+                "probes": self.num_probes,
+                "split": "test" if datamodule.is_image else f"held-out draw {self.num_draws + 1}",
+                "size": self.nll_samples,
+                "dequantization_samples": self.dequantization_samples if datamodule.is_image else None,
+            }
+        return card
 
     def _progress_bar(self, datamodule: EvaluationData, ranks: Ranks):
         """A bar over this evaluation's chunks (generation, then likelihood), on rank 0 when `progress` is set."""
@@ -364,7 +401,13 @@ class Evaluator:
 
     def fid_metric(self, datamodule: Any, device: torch.device, ranks: Ranks):
         """The FID metric with the reference statistics loaded on rank 0 (computed once per process, cached)."""
-        from fmlab.metrics.fid import build_fid, load_reference, reference_statistics
+        from fmlab.metrics.fid import (
+            build_fid,
+            extractor_digest,
+            load_reference,
+            reference_cache_file,
+            reference_statistics,
+        )
 
         if self._fid is None:
             options = self.fid_options
@@ -372,10 +415,20 @@ class Evaluator:
             metric, prepare = build_fid(feature, options.get("weights_path"), options.get("inception_dims", 2048))
             metric = metric.to(device)
             reference = None  # held by rank 0 alone, so other ranks neither compute nor read it
+            images, cache_dir = datamodule.reference_images(), options.get("cache_dir")
             if ranks.rank == 0:
-                images, cache_dir = datamodule.reference_images(), options.get("cache_dir")
                 reference = reference_statistics(metric, prepare, images, cache_dir, datamodule.name)
             self._fid = (metric, prepare, reference)
+            cache = reference_cache_file(metric, cache_dir, datamodule.name, len(images))
+            self._fid_reference = {
+                "against": "the training set, each image at its bin centre (Lipman et al. 2023, ADM)",
+                "size": len(images),
+                "feature_extractor": feature,
+                "inception_dims": options.get("inception_dims", 2048) if feature == "inception" else None,
+                "weights_file": options.get("weights_path"),
+                "extractor_sha256": extractor_digest(metric),  # of the weights actually loaded
+                "statistics_file": str(cache) if cache is not None else None,
+            }
         metric, prepare, reference = self._fid
         metric.reset()
         load_reference(metric, reference)

@@ -88,6 +88,11 @@ def extractor_digest(metric: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def reference_cache_file(metric: nn.Module, cache_dir: str | Path | None, name: str, size: int) -> Path | None:
+    """Where the reference statistics of `size` images of `name` in this extractor's features are cached."""
+    return None if cache_dir is None else Path(cache_dir) / f"{name}-{extractor_digest(metric)}-{size}.pt"
+
+
 def reference_statistics(
     metric: nn.Module,
     prepare: Callable[[Tensor], Tensor],
@@ -98,13 +103,11 @@ def reference_statistics(
 ) -> dict[str, Tensor]:
     """The reference (real) feature sums of `images`, read from `<cache_dir>/<name>-<extractor>-<n>.pt` when present,
     else computed and written there. Leaves `metric`'s real states holding them."""
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"{name}-{extractor_digest(metric)}-{len(images)}.pt"
-        if cache.is_file():
-            states = torch.load(cache, map_location="cpu", weights_only=True)
-            load_reference(metric, states)
-            return states
+    cache = reference_cache_file(metric, cache_dir, name, len(images))
+    if cache is not None and cache.is_file():
+        states = torch.load(cache, map_location="cpu", weights_only=True)
+        load_reference(metric, states)
+        return states
     for state in REAL_STATES:
         getattr(metric, state).zero_()
     device = metric.real_features_sum.device

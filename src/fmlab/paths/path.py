@@ -44,6 +44,7 @@ class AffinePath:
         smoothing: str = "none",
         smoothing_sigma: float = 0.0,
         t_min: float = 0.0,
+        bridge_margin: float = 1e-3,
     ) -> None:
         if smoothing not in SMOOTHING_KINDS:
             raise choices_error("path.smoothing", smoothing, SMOOTHING_KINDS)
@@ -53,10 +54,13 @@ class AffinePath:
             raise UserError(
                 f"path.t_min={t_min} with schedule t_max={schedule.t_max} is invalid; need 0 <= t_min < t_max <= 1"
             )
+        if not 0.0 <= bridge_margin < 0.5:
+            raise UserError(f"path.bridge_margin={bridge_margin} is invalid; it must satisfy 0 <= bridge_margin < 0.5")
         self.schedule = schedule
         self.smoothing = smoothing
         self.smoothing_sigma = float(smoothing_sigma)
         self.t_min = float(t_min)
+        self.bridge_margin = float(bridge_margin) if smoothing == "bridge" else 0.0
 
     @property
     def t_max(self) -> float:
@@ -66,10 +70,25 @@ class AffinePath:
     def has_smoothing(self) -> bool:
         return self.smoothing != "none"
 
+    @property
+    def train_t_min(self) -> float:
+        """The first training time: t_min, or `bridge_margin` for the bridge (see `train_t_max`)."""
+        return max(self.t_min, self.bridge_margin)
+
+    @property
+    def train_t_max(self) -> float:
+        """The last training time: t_max, or 1 − `bridge_margin` for the bridge, whose noise derivative
+        ṡ_t = σ(1 − 2t)/(2√(t(1 − t))) is singular at both ends: E_t ṡ_t² diverges (logarithmically) on [0, 1], so
+        the loss has no finite mean there and float32 times near 0 or 1 (down to 1e-8) give single batches losses of
+        1e7 that wreck Adam's moment estimates for thousands of steps (`method=sbcfm` seed 0: W2 swinging 0.3 to 2).
+        On [ε, 1 − ε] the largest ṡ_t² is σ²/(4ε). Sampling still integrates over [t_min, t_max]."""
+        return min(self.t_max, 1.0 - self.bridge_margin)
+
     def sample_time(self, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """t ~ U[t_min, t_max]: the diffusion paths train on [0, 1 − 1e-5] where they are singular at t = 1."""
+        """t ~ U[train_t_min, train_t_max]: the diffusion paths train on [0, 1 − 1e-5] where they are singular at
+        t = 1; the bridge on [ε, 1 − ε]."""
         t = torch.rand(n, device=device, dtype=dtype)
-        return self.t_min + (self.t_max - self.t_min) * t
+        return self.train_t_min + (self.train_t_max - self.train_t_min) * t
 
     def smoothing_std(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(s_t, ṡ_t) of the smoothing noise; zeros without smoothing."""
@@ -223,4 +242,6 @@ class AffinePath:
 
     def __repr__(self) -> str:
         smoothing = "" if not self.has_smoothing else f", smoothing={self.smoothing}({self.smoothing_sigma})"
+        if self.bridge_margin:
+            smoothing += f", trained on [{self.train_t_min}, {self.train_t_max}]"
         return f"AffinePath({self.schedule!r}{smoothing}, t=[{self.t_min}, {self.t_max}])"

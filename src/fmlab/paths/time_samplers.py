@@ -1,4 +1,5 @@
-"""Training-time distributions p(t) on a path's [t_min, t_max] (`time_sampler=`), and the density-ratio loss weight.
+"""Training-time distributions p(t) on a path's training range [t_min, t_max] (`time_sampler=`; the path's
+`train_t_min`, `train_t_max`), and the density-ratio loss weight.
 
 Each sampler draws u from its distribution on (0, 1) (or, for the noise-level samplers, through the path) and maps it
 to t = t_min + (t_max − t_min) u, so every t stays inside the path's range. `log_density` is that of t, which
@@ -54,9 +55,9 @@ class TimeSampler(ABC):
         with torch.random.fork_rng():  # a check leaves the run's random streams as they were
             torch.manual_seed(0)
             t = self.sample(path, self.CHECK_DRAWS, dtype=torch.float64)
-        width = path.t_max - path.t_min
-        at_ends = float(((t - path.t_min <= 1e-6 * width) | (path.t_max - t <= 1e-6 * width)).double().mean())
-        if self.piles_at_ends_by_design is False and at_ends > self.MOST_AT_AN_END:
+        low, high = path.train_t_min, path.train_t_max
+        at_ends = float(((t - low <= 1e-6 * (high - low)) | (high - t <= 1e-6 * (high - low))).double().mean())
+        if not self.piles_at_ends_by_design and at_ends > self.MOST_AT_AN_END:
             raise UserError(
                 f"{name} puts {at_ends:.0%} of training times at an end of {path!r}'s [t_min, t_max] (settings beyond "
                 "the path's range are clipped there); choose settings inside it"
@@ -78,19 +79,19 @@ class TimeSampler(ABC):
 
     def sample(self, path: AffinePath, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
         u = self.sample_unit(path, n).clamp(0.0, 1.0)
-        t = path.t_min + (path.t_max - path.t_min) * u
+        t = path.train_t_min + (path.train_t_max - path.train_t_min) * u
         return t.to(device=device, dtype=dtype or torch.get_default_dtype())
 
     def log_density(self, path: AffinePath, t: Tensor) -> Tensor:
         """log p(t) on [t_min, t_max]."""
-        width = path.t_max - path.t_min
-        return self.unit_log_density(path, (t.double() - path.t_min) / width) - math.log(width)
+        width = path.train_t_max - path.train_t_min
+        return self.unit_log_density(path, (t.double() - path.train_t_min) / width) - math.log(width)
 
     def weights(self, path: AffinePath, t: Tensor) -> Tensor | None:
         """Per-sample loss weights: None, or the density ratio to the uniform time distribution."""
         if self.loss_weight == "none":
             return None
-        width = path.t_max - path.t_min
+        width = path.train_t_max - path.train_t_min
         return torch.exp(-self.log_density(path, t) - math.log(width)).to(t.dtype)
 
     def __repr__(self) -> str:
@@ -206,18 +207,18 @@ class LogNormalSigmaTime(TimeSampler):
     def sample_unit(self, path: AffinePath, n: int) -> Tensor:
         log_ratio = self.p_mean + self.p_std * torch.randn(n, dtype=torch.float64)
         t = path.time_of_log_snr(-2 * log_ratio)
-        return (t - path.t_min) / (path.t_max - path.t_min)
+        return (t - path.train_t_min) / (path.train_t_max - path.train_t_min)
 
     def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
         """p(t) = N(log σ̃(t); P_mean, P_std²) |d log σ̃/dt| (by a central difference), in u."""
-        width = path.t_max - path.t_min
-        t = path.t_min + width * u.double()
+        width = path.train_t_max - path.train_t_min
+        t = path.train_t_min + width * u.double()
         h = 1e-6 * width
 
         def log_ratio(s: Tensor) -> Tensor:  # log σ̃(s) = −½ log SNR(s)
             return -0.5 * path.log_snr(s)
 
-        after, before = (t + h).clamp(max=path.t_max), (t - h).clamp(min=path.t_min)
+        after, before = (t + h).clamp(max=path.train_t_max), (t - h).clamp(min=path.train_t_min)
         slope = (log_ratio(after) - log_ratio(before)) / (after - before)
         z = (log_ratio(t) - self.p_mean) / self.p_std
         return -0.5 * z**2 - math.log(self.p_std * math.sqrt(2 * math.pi)) + torch.log(slope.abs()) + math.log(width)
@@ -232,7 +233,7 @@ class LogSNRUniformTime(TimeSampler):
     likelihood weight g² constant (σ² Z/(t_max − t_min)) and the estimate far lower in variance."""
 
     def _bounds(self, path: AffinePath) -> tuple[float, float]:
-        ends = torch.tensor([path.t_min, path.t_max], dtype=torch.float64)
+        ends = torch.tensor([path.train_t_min, path.train_t_max], dtype=torch.float64)
         low, high = path.log_snr(ends).tolist()
         if not (math.isfinite(low) and math.isfinite(high)):
             raise UserError(f"time_sampler=log_snr_uniform needs a finite log-SNR on [t_min, t_max]; {path!r} has none")
@@ -252,7 +253,7 @@ class LogSNRUniformTime(TimeSampler):
         low, high = self._bounds(path)
         targets = torch.linspace(low, high, self.TABLE_SIZE, dtype=torch.float64)
         table = path.time_of_log_snr(targets)
-        table[0], table[-1] = path.t_min, path.t_max
+        table[0], table[-1] = path.train_t_min, path.train_t_max
         self._tables[id(path)] = (path, table)
         return table
 
@@ -261,12 +262,12 @@ class LogSNRUniformTime(TimeSampler):
         position = torch.rand(n, dtype=torch.float64) * (self.TABLE_SIZE - 1)
         index = position.floor().long().clamp(max=self.TABLE_SIZE - 2)
         t = torch.lerp(table[index], table[index + 1], position - index)
-        return (t - path.t_min) / (path.t_max - path.t_min)
+        return (t - path.train_t_min) / (path.train_t_max - path.train_t_min)
 
     def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
         low, high = self._bounds(path)
-        width = path.t_max - path.t_min
-        t = path.t_min + width * u.double()
+        width = path.train_t_max - path.train_t_min
+        t = path.train_t_min + width * u.double()
         g2_over_sigma2 = path.diffusion_squared(t) / path.schedule.sigma(t) ** 2
         return torch.log(g2_over_sigma2) - math.log(high - low) + math.log(width)
 

@@ -110,6 +110,10 @@ class ReflowDataModule(PairStreamDataModule):
         return self.inner.is_image
 
     @property
+    def variant(self) -> str:  # type: ignore[override]
+        return self.inner.variant
+
+    @property
     def num_levels(self) -> int:  # type: ignore[override]
         return self.inner.num_levels
 
