@@ -98,21 +98,11 @@ def test_bad_inputs_end_in_one_line_and_leave_an_existing_run_dir_as_it_was(fini
 
     cifar, mnist = corrupt_cifar10(tmp_path / "cifar"), corrupt_mnist(tmp_path / "mnist")
     resume = f"ckpt_path={finished}"
+    # each a real process, as a user runs it (every other kind of bad value: the in-process cases below)
     cases = [  # (entry point, arguments, what the one line must name)
         ("train", [resume, "optimizer.lr=-1"], "optimizer.lr=-1 is invalid"),
-        ("train", [resume, "optimizer.lr=abc"], "optimizer.lr='abc' is invalid"),
-        ("train", [resume, "optimizer.lr=0"], "optimizer.lr=0 is invalid"),
-        ("train", [resume, "seed=abc"], "seed='abc' is invalid"),
-        ("train", [resume, "seed=-1"], "seed=-1 is invalid"),
-        ("train", [resume, "trainer.max_stepz=5"], "trainer.max_stepz is not a key"),
-        ("train", [resume, "method=ddpm"], "method.name: fm_ot in the checkpoint, ddpm now"),
-        ("train", [resume, "net.width=64"], "net.width: 128 in the checkpoint, 64 now"),
-        ("train", [resume, "optimizer.lr=1e-3"], "optimizer.lr: 0.002 in the checkpoint, 0.001 now"),
         ("train", [resume, "trainer.max_steps=400"], "scheduler.T_max: 200 in the checkpoint, 400 now"),
-        ("train", [resume, "trainer.max_steps=50"], "at step 200, beyond trainer.max_steps=50"),
         ("train", [f"hydra.run.dir={finished}", *RUN], f"hydra.run.dir={finished} already holds a run"),
-        ("train", [f"hydra.run.dir={finished}", "solver=ancestral"], "solver=ancestral does not fit"),
-        ("train", ["hydra.run.dir=/proc/fmlab-test/run"], "hydra.run.dir=/proc/fmlab-test/run cannot be used"),
         ("train", ["data=cifar10", f"data.data_dir={tmp_path / 'cifar'}", new("c")], f"{cifar} is not a valid file"),
         ("train", ["data=mnist", f"data.data_dir={tmp_path / 'mnist'}", new("m")], f"{mnist} is not a valid file"),
         (
@@ -120,7 +110,6 @@ def test_bad_inputs_end_in_one_line_and_leave_an_existing_run_dir_as_it_was(fini
             [f"ckpt_path={empty_run}", new("e1")],
             f"ckpt_path={empty_run} is a directory without checkpoints",
         ),
-        ("evaluate", [resume, "solver=ancestral", new("e2")], "solver=ancestral does not fit"),
         ("table", [f"sweep_dir={tmp_path / 'table'}"], "table is required; choose one of: cpu_small"),
     ]
     before = tree_digest(finished)
@@ -491,6 +480,18 @@ def diverged_teacher(finished: Path, tmp_path_factory: pytest.TempPathFactory) -
 # (entry point, arguments, what the one line must name): a value of every kind the build checks, each failing
 # before the config is printed and before a run dir exists
 BUILD_CASES = [
+    ("train", ["ckpt_path={finished}", "optimizer.lr=abc"], "optimizer.lr='abc' is invalid"),
+    ("train", ["ckpt_path={finished}", "optimizer.lr=0"], "optimizer.lr=0 is invalid"),
+    ("train", ["ckpt_path={finished}", "seed=abc"], "seed='abc' is invalid"),
+    ("train", ["ckpt_path={finished}", "seed=-1"], "seed=-1 is invalid"),
+    ("train", ["ckpt_path={finished}", "trainer.max_stepz=5"], "trainer.max_stepz is not a key"),
+    ("train", ["ckpt_path={finished}", "method=ddpm"], "method.name: fm_ot in the checkpoint, ddpm now"),
+    ("train", ["ckpt_path={finished}", "net.width=64"], "net.width: 128 in the checkpoint, 64 now"),
+    ("train", ["ckpt_path={finished}", "optimizer.lr=1e-3"], "optimizer.lr: 0.002 in the checkpoint, 0.001 now"),
+    ("train", ["ckpt_path={finished}", "trainer.max_steps=50"], "at step 200, beyond trainer.max_steps=50"),
+    ("train", ["hydra.run.dir={finished}", "solver=ancestral"], "solver=ancestral does not fit"),
+    ("train", ["hydra.run.dir=/proc/fmlab-test/run"], "hydra.run.dir=/proc/fmlab-test/run cannot be used"),
+    ("evaluate", ["ckpt_path={finished}", "solver=ancestral"], "solver=ancestral does not fit"),
     ("train", ["trainer.precision=banana"], "trainer.precision='banana' is invalid"),
     ("train", ["trainer.accelerator=banana"], "trainer.accelerator='banana' is invalid"),
     ("train", ["data.batch_size=abc"], "data.batch_size='abc' is invalid; it must be a number"),

@@ -93,6 +93,7 @@ class ImageDataModule(PairStreamDataModule):
     num_levels = 256
     data_shape: tuple[int, int, int] = (3, 32, 32)
     is_image = True
+    heavy_batches = True  # dequantising and flipping a batch of images: worth loader workers on spare CPUs
     source = "gaussian"
 
     def __init__(
@@ -166,6 +167,7 @@ class DigitsDataModule(ImageDataModule):
     """
 
     name = "digits"
+    heavy_batches = False  # 8x8 images: a worker's copies cost more than making the batch
     variant = "scikit-learn's 8x8 digits (17 levels), fixed 1,437 train / 360 test split"
     fid_feature = "digits"
     num_levels = 17

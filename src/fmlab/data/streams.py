@@ -120,14 +120,16 @@ def available_cpus() -> int:
     return len(own_cpus())
 
 
-def loader_workers(num_workers: int | str, coupling: Coupling, cpus: int | None = None) -> int:
-    """`data.num_workers`: a count, or "auto": for a coupling that solves a problem per batch (minibatch OT), one
-    worker per spare CPU of the process's share (`cpus`, default all available) up to `AUTO_OT_WORKERS`, so the OT
-    runs beside the training step on the other cores; none otherwise (a worker costs more in inter-process copies
-    than it saves on a 2D batch draw)."""
+def loader_workers(num_workers: int | str, coupling: Coupling, cpus: int | None = None,
+                   heavy_batches: bool = False) -> int:  # fmt: skip
+    """`data.num_workers`: a count (at most the CPUs the process may use), or "auto": where making a batch is work
+    worth a process (a coupling that solves a problem per batch, minibatch OT; or `heavy_batches`, images), one
+    worker per spare CPU of the process's share (`cpus`, default all available) up to `AUTO_OT_WORKERS`, so it runs
+    beside the training step on the other cores; none otherwise (a worker costs more in inter-process copies than
+    it saves on a 2D batch draw)."""
     if num_workers == "auto":
         cpus = available_cpus() if cpus is None else cpus
-        return min(AUTO_OT_WORKERS, cpus - 1) if coupling.solves_per_batch else 0
+        return min(AUTO_OT_WORKERS, cpus - 1) if coupling.solves_per_batch or heavy_batches else 0
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"data.num_workers={num_workers!r} is invalid; it must be auto or a whole number >= 0")
     if num_workers > available_cpus():
@@ -147,6 +149,7 @@ class PairStreamDataModule(L.LightningDataModule):
     num_levels = 0  # point data: no quantisation, no FID feature space
     fid_feature: str | None = None
     variant = "fmlab's generator of this distribution"
+    heavy_batches = False  # whether data.num_workers=auto gives batch-making its own workers whatever the coupling
     target: str
     source: str
     seed: int
@@ -177,7 +180,7 @@ class PairStreamDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self._stream.shard(self.trainer.global_rank, self.trainer.world_size)
             cpus = max(1, cpus // max(1, self.trainer.num_devices))  # this node's processes share its CPUs
-        workers = loader_workers(self.num_workers, self._stream.coupling, cpus)
+        workers = loader_workers(self.num_workers, self._stream.coupling, cpus, self.heavy_batches)
         if workers > 0:
             self._leave_cpus_to_workers(workers, cpus)
         self.loader_workers, self.training_threads = workers, torch.get_num_threads()  # for metrics.json
