@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 ARGS ?=
+# make test runs test files in parallel, one process per CPU, each with one torch thread: measured on 2 cores,
+# 4:37 against 7:17 serial; two processes with torch's default threads each took 11:14 (their threads contend)
+TEST_WORKERS ?= auto
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .DEFAULT_GOAL := help
 .PHONY: help install train test test-all lint format bench clean
@@ -24,10 +28,10 @@ train: $(STAMP)  ## Train the main job: FM-OT on 2D moons (extra Hydra overrides
 	$(BIN)/python -m fmlab.train $(ARGS)
 
 test: $(STAMP)  ## Run the test suite (tests marked slow excluded)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-all: $(STAMP)  ## Run every test, slow ones included
-	$(BIN)/python -m pytest -q -m "slow or not slow" $(ARGS)
+	$(PYTEST) -m "slow or not slow" $(ARGS)
 
 lint: $(STAMP)  ## ruff check and format check
 	$(BIN)/ruff check src tests

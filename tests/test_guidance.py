@@ -192,7 +192,7 @@ class PointData:
     """A minimal EvaluationData: the class points, and N(0, I) sources fixed per row (so chunking cannot change
     them: what is left to differ is the labels' assignment)."""
 
-    name, data_shape, is_image, source, seed = "points", (2,), False, "gaussian", 0
+    name, data_shape, is_image, source, seed, variant = "points", (2,), False, "gaussian", 0, "three points"
 
     def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
         return POINTS.float().repeat(1 + (n or 60) // 6, 1)[: n or 60]

@@ -351,9 +351,9 @@ def preflight(cfg: DictConfig, args: list[str]) -> None:
         check_writable(Path(str(resolvable.paths.log_dir)), "paths.log_dir")
         return
     check_writable(run_dir)
-    check_new_run_dir(resolvable, run_dir)
-    if is_launching_process():
+    if is_launching_process():  # a run dir in use says so first, whatever the running job has written into it
         lock_run_dir(run_dir)
+    check_new_run_dir(resolvable, run_dir)
 
 
 # the sampler lists of conf/sweep and the setting each varies
