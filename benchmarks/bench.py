@@ -44,16 +44,31 @@ from fmlab.cli import compose_train_config
 from fmlab.distributed import Ranks
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so a wall-clock mark times what was asked, not what was queued."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class BareLoop:
     """fmlab's training step written as a plain PyTorch loop: the same net, data stream, optimiser, LR schedule,
-    coupling and EMA decay as the run `overrides` configure, with no Lightning, callbacks or logging."""
+    coupling and EMA decay as the run `overrides` configure, with no Lightning, callbacks or logging; on the device
+    of the run's `trainer.accelerator`, with its `trainer.precision` (bf16-mixed: autocast to bfloat16) and its
+    `performance` switches (TF32, compile) and the net's own `channels_last`."""
 
     def __init__(self, overrides: list[str]) -> None:
+        from fmlab.nets.performance import configure_throughput
+
         with TemporaryDirectory() as tmp:
             cfg = compose_train_config(overrides, Path(tmp))
         torch.manual_seed(cfg.seed)
+        self.device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
+        precision = str(cfg.trainer.get("precision", "32-true"))
+        if precision not in ("32-true", "32", "bf16-mixed"):
+            raise ValueError(f"the bare loop runs 32-true and bf16-mixed, not trainer.precision={precision}")
+        self.autocast = precision == "bf16-mixed"
         self.datamodule = instantiate(cfg.data)
-        self.net = instantiate(cfg.net)
+        self.net = configure_throughput(instantiate(cfg.net), **(cfg.get("performance") or {})).to(self.device)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.coupling = instantiate(cfg.coupling)
         self.schedule = instantiate(cfg.schedule)
@@ -74,12 +89,15 @@ class BareLoop:
                 self.batches = iter(self.datamodule.train_dataloader())
                 x0, x1 = next(self.batches)
             x0, x1 = self.coupling(x0, x1)
-            t = torch.rand(x1.shape[0]).view(-1, *[1] * (x1.dim() - 1))
+            x0, x1 = x0.to(self.device, non_blocking=True), x1.to(self.device, non_blocking=True)
+            t = torch.rand(x1.shape[0], device=self.device).view(-1, *[1] * (x1.dim() - 1))
             x_t = self.schedule.alpha(t) * x1 + self.schedule.sigma(t) * x0
             u_t = self.schedule.d_alpha(t) * x1 + self.schedule.d_sigma(t) * x0
             if self.smoothing:
                 x_t = x_t + self.smoothing * torch.randn_like(x1)
-            loss = (self.net(t.reshape(-1), x_t) - u_t).pow(2).mean()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                prediction = self.net(t.reshape(-1), x_t)
+            loss = (prediction.float() - u_t).pow(2).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -87,6 +105,7 @@ class BareLoop:
                 self.scheduler.step()
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - self.decay)
+        synchronize()
         self.steps_done += steps
         return time.perf_counter() - started
 
@@ -106,6 +125,7 @@ class InterleavedBareLoop(L.Callback):
         step = trainer.global_step
         if step < self.warmup or step % self.chunk:
             return
+        synchronize()
         if self.mark is None:
             self.bare.run(self.warmup)  # the bare loop's own warm-up, untimed
         else:

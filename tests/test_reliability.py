@@ -372,7 +372,10 @@ def test_an_exploded_model_stops_at_the_cap_with_its_checkpoint_and_metrics(tmp_
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("fmlab: error: solver.max_nfe=2000 reached") and "diverged" in line
+    # how dopri5 gives up on the exploded field (the cap, or a step size that underflows on non-finite values)
+    # depends on the torch build's arithmetic and thread count; that it stops in one line naming why does not
+    stopped = ("solver.max_nfe=2000 reached", "max_nfe=2000) could not integrate")
+    assert line.startswith("fmlab: error: ") and any(s in line for s in stopped) and "diverged" in line, line
     metrics = metrics_of(tmp_path)
     assert metrics["steps"] == 300 and metrics["diverged"] is True and "max_nfe=2000" in metrics["eval_error"]
     assert metrics["train_loss"] > 1e6

@@ -205,6 +205,8 @@ def check_optimizer(module: Any) -> None:
     """Build the optimiser and schedule once, as Lightning will: a bad setting fails now, in one line."""
     try:
         module.configure_optimizers()
+    except UserError:
+        raise
     except Exception as error:
         raise UserError(
             f"optimizer/scheduler could not be built: {type(error).__name__}: {first_detail(error)}"
