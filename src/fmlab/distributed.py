@@ -1,5 +1,5 @@
 """Processes and CPUs: rank, world size and a gather that is exact under DDP, Lightning Fabric for the evaluation
-entry point, and the CPUs a process may use.
+entry point, the CPUs a process may use, and the signals a process answers.
 
 Evaluation spreads fixed chunks of work over the ranks and gathers the results in chunk order, so every metric
 is the same number whatever the number of processes (see `gather_chunks`).
@@ -8,7 +8,9 @@ is the same number whatever the number of processes (see `gather_chunks`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,3 +99,18 @@ def make_fabric(trainer_cfg: Any) -> Any:
         strategy=trainer_cfg.get("strategy") or "auto",
         num_nodes=trainer_cfg.get("num_nodes", 1),
     )
+
+
+SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+INTERRUPTS = (signal.SIGTERM, signal.SIGINT)  # a scheduler's preemption, Ctrl-C: fmlab treats them alike
+
+
+@contextmanager
+def on_signals(handler: Callable[[int, Any], None], signums: tuple[int, ...] = INTERRUPTS) -> Iterator[None]:
+    """Within the block `handler` answers `signums`; the handlers before are put back after it."""
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -24,11 +24,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 from fmlab.cli import CONFIG_DIR, check_composes
-from fmlab.distributed import own_cpus
+from fmlab.distributed import SIGTERM_EXIT_STATUS, on_signals, own_cpus
 from fmlab.errors import UserError
 from fmlab.runs import METRICS_FILE, job_overrides
-
-SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what a training run exits with after its SIGTERM checkpoint
 
 
 def sweep_jobs(args: list[str]) -> list[list[str]]:
@@ -187,7 +185,6 @@ class Jobs:
             process.wait()
 
 
-@contextlib.contextmanager
 def stopped_by_signals(jobs: Jobs, say: Any):
     """Within the block SIGTERM and SIGINT stop every job (each checkpoints on its SIGTERM), wait for them, and end
     the table with status 143."""
@@ -198,12 +195,7 @@ def stopped_by_signals(jobs: Jobs, say: Any):
         jobs.wait_all()
         raise SystemExit(SIGTERM_EXIT_STATUS)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+    return on_signals(handler)
 
 
 def run_sweeps(table: DictConfig, sweep_dir: Path, workers: int = 1) -> None:

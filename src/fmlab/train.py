@@ -7,9 +7,7 @@ compose → build (`fmlab.build`: every part, checked before the run dir exists)
 from __future__ import annotations
 
 import os
-import signal
 import time
-from contextlib import contextmanager
 from typing import Any
 
 import hydra
@@ -17,13 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fmlab.build import TrainingRun, build_parts, build_training, in_multirun, preflight
 from fmlab.cli import CONFIG_PATH, quiet_third_party_output, run_entry_point, what_was_run
+from fmlab.distributed import SIGTERM_EXIT_STATUS, on_signals
 from fmlab.errors import exit_on_user_error
 from fmlab.runs import check_new_run_dir, is_launching_process, lock_run_dir, optimized_value, write_metrics
 
-SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
-
-@contextmanager
 def exit_on_sigterm(message: str):
     """SIGTERM (or SIGINT) inside the block prints `message` and exits with status 143 at once (Lightning's own
     handler, which only notes the signal for the training loop to act on, is gone once `fit` returns)."""
@@ -32,12 +28,7 @@ def exit_on_sigterm(message: str):
         print(message, flush=True)
         raise SystemExit(SIGTERM_EXIT_STATUS)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+    return on_signals(handler)
 
 
 def fit_and_evaluate(run: TrainingRun) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,10 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from fmlab.distributed import SIGTERM_EXIT_STATUS, on_signals
 from fmlab.errors import UserError
 from fmlab.io import write_atomically
 from fmlab.seeding import stream_seed
-
-SIGTERM_EXIT_STATUS = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -135,7 +133,6 @@ class TrainingClock(L.Callback):
         self.before = float(state_dict["seconds"])
 
 
-@contextmanager
 def sigint_as_sigterm():
     """Within the block Ctrl-C (SIGINT) does what SIGTERM does: Lightning notes it and `CheckpointOnSigterm` saves
     the step in progress, so an interrupted run resumes exactly instead of losing its steps since the last
@@ -144,11 +141,7 @@ def sigint_as_sigterm():
     def forward(signum: int, frame: Any) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGINT, forward)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return on_signals(forward, (signal.SIGINT,))
 
 
 class StopOnNonFiniteLoss(L.Callback):
