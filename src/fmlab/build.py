@@ -454,7 +454,7 @@ def build_evaluation(cfg: DictConfig) -> EvaluationRun:
 
         raise choices_error("sweep.kind", kind, SWEEP_KINDS)
     if kind == "guidance":
-        if not run.velocity_field().num_classes:
+        if not run.velocity_field().is_conditional:
             raise UserError("sweep=guidance needs a class-conditional run (trained with conditioning=class)")
         if not run.velocity_field().learned_null:
             raise UserError("sweep=guidance needs the unconditional model, which conditioning.p_uncond=0 never trained")

@@ -24,12 +24,14 @@ VALIDATION_SEED = 20_240_101
 SchedulerFactory = Callable[..., Any]
 
 
-def drop_labels_to_null(labels: Tensor, p_uncond: float, null: int) -> Tensor:
-    """Classifier-free guidance's label dropout: each label becomes the null class ∅ (index `null` = K, the number
-    of classes) with probability `p_uncond`, independently."""
+def drop_labels_to_null(labels: Tensor, p_uncond: float, null: int | float) -> Tensor:
+    """Classifier-free guidance's label dropout: each label becomes the null condition ∅ (class index `null` = K,
+    the number of classes; NaN for a continuous condition, all of a row's values at once) with probability
+    `p_uncond`, independently."""
     if p_uncond == 0.0:
         return labels
-    dropped = torch.rand(labels.shape, device=labels.device) < p_uncond
+    dropped = torch.rand(labels.shape[:1], device=labels.device) < p_uncond
+    dropped = dropped.reshape(-1, *([1] * (labels.dim() - 1)))
     return torch.where(dropped, torch.full_like(labels, null), labels)
 
 
@@ -131,7 +133,8 @@ class FlowModule(L.LightningModule):
         net: Callable[[Tensor, Tensor], Tensor] = self.net
         if labels is not None:
             if drop_labels:
-                labels = drop_labels_to_null(labels, self.p_uncond, null=getattr(self.net, "num_classes", 0))
+                null = getattr(self.net, "num_classes", 0) if not labels.is_floating_point() else float("nan")
+                labels = drop_labels_to_null(labels, self.p_uncond, null=null)
             net = partial(self.net, labels=labels)
         return self.objective.loss(net, self.path, t, x0, x1, noise, weights)
 

@@ -159,8 +159,9 @@ class VelocityField(nn.Module):
     """v_t(x) = objective.to_velocity(net(t, x), x, t): the PF-ODE drift of any method. Counts net evaluations in
     `nfe` (one per call; two per guided call, whose conditional and unconditional halves run as one batch).
 
-    A class-conditional net (`net.num_classes` = K > 0) is asked for `labels` set with `conditioned_on(labels, w)`,
-    guided with scale w; without labels it is the unconditional model (the null class ∅)."""
+    A class-conditional net (`net.num_classes` = K > 0) or one with a continuous condition (`net.condition_dim` =
+    k > 0) is asked for `labels` (class indices, or (batch, k) conditions) set with `conditioned_on(labels, w)`,
+    guided with scale w; without labels it is the unconditional model (the null condition ∅: class K, or NaN)."""
 
     def __init__(self, net: nn.Module, objective: Objective, path: AffinePath, learned_null: bool = True) -> None:
         super().__init__()
@@ -174,8 +175,21 @@ class VelocityField(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        """K for a class-conditional net, 0 for an unconditional one."""
+        """K for a class-conditional net, 0 otherwise."""
         return int(getattr(self.net, "num_classes", 0) or 0)
+
+    @property
+    def condition_dim(self) -> int:
+        """k for a net with a continuous condition, 0 otherwise."""
+        return int(getattr(self.net, "condition_dim", 0) or 0)
+
+    @property
+    def is_conditional(self) -> bool:
+        return bool(self.num_classes or self.condition_dim)
+
+    def null_conditions(self, labels: Tensor) -> Tensor:
+        """∅ for every row of `labels`: the null class K, or NaN conditions."""
+        return torch.full_like(labels, self.num_classes if self.num_classes else float("nan"))
 
     @property
     def device(self) -> torch.device:
@@ -186,11 +200,11 @@ class VelocityField(nn.Module):
 
     @contextmanager
     def conditioned_on(self, labels: Tensor | None, guidance_scale: float = 0.0) -> Iterator[VelocityField]:
-        """Within the block the field generates class `labels[i]` for row i, guided with scale w."""
-        if labels is not None and not self.num_classes:
-            raise UserError("class labels were given to an unconditional run; train it with conditioning=class")
+        """Within the block the field generates class (or condition) `labels[i]` for row i, guided with scale w."""
+        if labels is not None and not self.is_conditional:
+            raise UserError("conditions were given to an unconditional run; train it with conditioning=class or x")
         if guidance_scale and labels is None:
-            raise UserError(f"eval.guidance_scale={guidance_scale} needs class labels to guide towards")
+            raise UserError(f"eval.guidance_scale={guidance_scale} needs conditions to guide towards")
         saved = self.labels, self.guidance_scale
         self.labels, self.guidance_scale = labels, float(guidance_scale)
         try:
@@ -215,7 +229,7 @@ class VelocityField(nn.Module):
             self.nfe += 1
             return self.net(t, x, labels=self.labels)
         self.nfe += 2
-        null = torch.full_like(self.labels, self.num_classes)
+        null = self.null_conditions(self.labels)
         both = self.net(torch.cat([t, t]), torch.cat([x, x]), labels=torch.cat([self.labels, null]))
         conditional, unconditional = both.chunk(2)
         return guided_prediction(conditional, unconditional, self.guidance_scale)

@@ -68,13 +68,21 @@ def format_cell(runs: list[dict], metric: str) -> str:
     return text if len(values) >= 3 else f"{text} (n={len(values)})"
 
 
-def format_floor(runs: list[dict]) -> str:
-    """The W2 floor of a column: mean ± std over its runs, or one value marked "(fixed sets)" when every run
+def floor_of(metric: str) -> str | None:
+    """The floor a metric is read against: W2's (`w2_floor`), W2²'s (`w2_floor_squared`, for `w2_squared` and its
+    extra solvers' `w2_squared_<name>`), or None."""
+    if metric.startswith("w2_squared"):
+        return "w2_floor_squared"
+    return "w2_floor" if metric == "w2" or (metric.startswith("w2_") and "floor" not in metric) else None
+
+
+def format_floor(runs: list[dict], key: str = "w2_floor") -> str:
+    """A column's floor (`key`): mean ± std over its runs, or one value marked "(fixed sets)" when every run
     measured it on the same held-out sets (a fixed split): a "± 0.000" there would read as a floor with no spread."""
-    values = [float(r["w2_floor"]) for r in runs if isinstance(r.get("w2_floor"), int | float)]
+    values = [float(r[key]) for r in runs if isinstance(r.get(key), int | float)]
     if len(values) > 1 and all(math.isfinite(v) for v in values) and len(set(values)) == 1:
         return f"{values[0]:.3f} (fixed sets)"
-    return format_cell(runs, "w2_floor")
+    return format_cell(runs, key)
 
 
 def column_metrics(table: DictConfig, column: str) -> list[str]:
@@ -105,10 +113,10 @@ def render_markdown(table: DictConfig, cells: dict[tuple[str, str], list[dict]])
             entries.append(entry if reference is None else f"{entry} (paper {reference})")
         lines.append("| " + " | ".join([row_labels.get(row, row), *entries]) + " |")
     floors: list[str] = []
-    if any(m == "w2" for _, m in cell_keys):
+    if any(floor_of(m) for _, m in cell_keys):
         for column, metric in cell_keys:
             runs = [r for (_, col), rs in cells.items() if col == column for r in rs]
-            floors.append(format_floor(runs) if metric == "w2" else "")
+            floors.append(format_floor(runs, floor_of(metric)) if floor_of(metric) else "")
         lines.append("| floor (held-out vs held-out) | " + " | ".join(floors) + " |")
     runs = [r for rs in cells.values() for r in rs]
     seconds = sum(float(r.get("train_seconds", 0.0)) for r in runs)
@@ -237,6 +245,7 @@ def run_metrics(run: Any, evaluation: dict[str, Any], started: float) -> dict[st
         "path": repr(module.path),
         "objective": repr(module.objective),
         "coupling": repr(datamodule.coupling),
+        "conditioning": (cfg.get("conditioning") or {}).get("name", "none"),
         "net_parameters": net_parameters(module.net),
         "fmlab_version": __version__,
         "torch_version": torch.__version__,

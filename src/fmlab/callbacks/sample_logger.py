@@ -53,6 +53,8 @@ class SampleLogger(L.Callback):
                 labels = torch.arange(count, device=module.device) // columns
             elif field.num_classes:  # every class equally often
                 labels = torch.arange(count, device=module.device) % field.num_classes
+            elif field.condition_dim:  # the conditions of the held-out points drawn beside the samples
+                labels = datamodule.held_out_conditions(count).to(module.device)
             x0 = datamodule.eval_source(count)
             trajectory_times = 0 if is_image else self.num_trajectory_times
             with field.conditioned_on(labels, self.guidance_scale if labels is not None else 0.0):

@@ -43,12 +43,20 @@ class PairStream(IterableDataset):
     epochs, and the batches they made ahead for an iterator that was dropped (Lightning drops the first one of a run
     resumed from an epoch-end checkpoint) would otherwise shift every later batch.
     A `target` that returns (points, labels) (a `LabelledSampler`) makes the batches (x0, x1, labels).
+
+    `coupling_group` = k > 1 couples k batches at once: draw g (k · batch_size points, seeded by (seed, rank, g)) is
+    coupled as one batch and cut into the training batches gk, ..., gk + k − 1 (C²OT's OT batch of 1,024 split into
+    batches of 256); a worker keeps the draw it coupled last, so each is coupled once per worker.
     """
 
     def __init__(self, source: Sampler, target: Sampler | LabelledSampler, batch_size: int, batches_per_epoch: int,
-                 seed: int) -> None:  # fmt: skip
+                 seed: int, coupling_group: int = 1) -> None:  # fmt: skip
+        if isinstance(coupling_group, bool) or not isinstance(coupling_group, int) or coupling_group < 1:
+            raise UserError(f"data.coupling_group={coupling_group!r} must be a whole number of batches >= 1")
         self.source, self.target = source, target
         self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
+        self.coupling_group = coupling_group
+        self._coupled: tuple[int, tuple[Tensor, ...]] | None = None  # (draw index, its coupled rows)
         self.coupling: Coupling = IndependentCoupling()
         self.rank = 0
         self._start = torch.zeros((), dtype=torch.long).share_memory_()  # seen by every worker, set by the main process
@@ -70,14 +78,22 @@ class PairStream(IterableDataset):
         self.rank = rank
 
     def draw(self, index: int) -> tuple[Tensor, ...]:
-        """Batch `index` as sampled, before the coupling."""
+        """Draw `index` as sampled, before the coupling: `coupling_group` batches' worth of points."""
         g = seeded_generator(self.seed, "train", self.rank, index)
-        x0, target = self.source(self.batch_size, g), self.target(self.batch_size, g)
+        size = self.batch_size * self.coupling_group
+        x0, target = self.source(size, g), self.target(size, g)
         return (x0, *target) if isinstance(target, tuple) else (x0, target)
 
     def batch(self, index: int) -> tuple[Tensor, ...]:
         """Batch `index` coupled: what the training step gets."""
-        return self.coupling(*self.draw(index), generator=seeded_generator(self.seed, "coupling", self.rank, index))
+        if self.coupling_group == 1:
+            return self.coupling(*self.draw(index), generator=seeded_generator(self.seed, "coupling", self.rank, index))
+        group, position = divmod(index, self.coupling_group)
+        if self._coupled is None or self._coupled[0] != group:
+            generator = seeded_generator(self.seed, "coupling", self.rank, group)
+            self._coupled = (group, self.coupling(*self.draw(group), generator=generator))
+        rows = slice(position * self.batch_size, (position + 1) * self.batch_size)
+        return tuple(t[rows] for t in self._coupled[1])
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         info = torch.utils.data.get_worker_info()

@@ -7,6 +7,7 @@ Definitions follow the papers' code so figures compare: `moons` and `8gaussians`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -142,6 +143,32 @@ def get_labelled_distribution(name: str) -> LabelledSampler:
     return LABELLED_DISTRIBUTIONS[name]
 
 
+# continuous conditions of a point (conditioning=continuous): a function of the point and its class
+CONDITIONS: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
+    "x": lambda points, labels: points[:, :1],  # C²OT's x-conditional moons: the point's first coordinate
+    "y": lambda points, labels: points[:, 1:2],
+    "class_sign": lambda points, labels: (2.0 * labels - 1.0)[:, None],  # C²OT's class condition: ±1, two classes
+}
+NEEDS_LABELS = ("class_sign",)
+
+
+def conditioned_sampler(target: str, condition: str) -> LabelledSampler:
+    """The sampler of `target` that also returns each point's `condition`: its class (`class`) or a continuous
+    function of the point (`CONDITIONS`), drawn from the same generator as the plain sampler's points."""
+    if condition == "class":
+        return get_labelled_distribution(target)
+    if condition not in CONDITIONS:
+        raise choices_error("conditioning.condition", condition, ["class", *CONDITIONS])
+    points_of = get_labelled_distribution(target) if condition in NEEDS_LABELS else None
+    plain = get_distribution(target)
+
+    def sample(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        points, labels = points_of(n, g) if points_of is not None else (plain(n, g), None)
+        return points, CONDITIONS[condition](points, labels)
+
+    return sample
+
+
 def get_distribution(name: str, role: str = "data.target") -> Sampler:
     """The sampler called `name`, or a one-line error listing the choices."""
     if name not in DISTRIBUTIONS:
@@ -166,12 +193,16 @@ class Toy2DDataModule(PairStreamDataModule):
         shape: tuple[int, ...] = (2,),
         num_classes: int = 0,
         with_labels: bool = False,
+        condition: str | None = None,
+        coupling_group: int = 1,
     ) -> None:
         super().__init__()
         self.target_sampler = get_distribution(target, "data.target")
-        # conditioning=class: batches carry each target point's class
-        training_target = get_labelled_distribution(target) if with_labels else self.target_sampler
-        self.num_classes = NUM_CLASSES[target] if with_labels else 0
+        # conditioning=class (with_labels) or a continuous condition: batches carry each target point's condition
+        self.condition = "class" if with_labels and not condition else condition
+        self.conditioned = conditioned_sampler(target, self.condition) if self.condition else None
+        training_target = self.conditioned or self.target_sampler
+        self.num_classes = NUM_CLASSES[target] if self.condition == "class" else 0
         self.source_sampler = get_distribution(source, "data.source")
         if batch_size < 1 or batches_per_epoch < 1 or num_eval_samples < 2:
             raise UserError(
@@ -185,11 +216,19 @@ class Toy2DDataModule(PairStreamDataModule):
         self.num_eval_samples, self.num_workers, self.seed = num_eval_samples, num_workers, seed
         loader_workers(num_workers, IndependentCoupling())  # a bad value fails here, not when training starts
         self.data_shape: tuple[int, ...] = (2,)
-        self._stream = PairStream(self.source_sampler, training_target, batch_size, batches_per_epoch, seed)
+        self._stream = PairStream(self.source_sampler, training_target, batch_size, batches_per_epoch, seed,
+                                  coupling_group)  # fmt: skip
 
     def held_out(self, n: int | None = None, index: int = 0) -> Tensor:
         """A fixed set of `n` data samples per (dataset, seed, index), never seen in training."""
         return self.target_sampler(n or self.num_eval_samples, seeded_generator(self.seed, "held_out", index))
+
+    def held_out_conditions(self, n: int | None = None, index: int = 0) -> Tensor:
+        """The condition of each point of `held_out(n, index)` (the same draw): what a conditional model is asked to
+        generate when it is compared with that set."""
+        if self.conditioned is None:
+            raise UserError(f"data={self.name} was built without a condition; it has no held-out conditions")
+        return self.conditioned(n or self.num_eval_samples, seeded_generator(self.seed, "held_out", index))[1]
 
     def eval_source(self, n: int | None = None, draw: int = 0, chunk: int = 0, start: int = 0) -> Tensor:
         """Fixed batches of source samples x0 from which evaluation generates, one per (`draw`, `chunk`)."""

@@ -57,7 +57,7 @@ def run_chunks(
     return rows, [int(n) for n in per_chunk.tolist()]
 
 
-LABEL_CHOICES = ("uniform", "a list of class indices")
+LABEL_CHOICES = ("uniform", "data", "a list of class indices")
 
 
 def class_labels(labels: str | list[int] | tuple[int, ...], num_classes: int, start: int, size: int) -> Tensor:
@@ -67,12 +67,24 @@ def class_labels(labels: str | list[int] | tuple[int, ...], num_classes: int, st
     rows = torch.arange(start, start + size)
     if isinstance(labels, str):
         if labels != "uniform":
-            raise choices_error("eval.labels", labels, LABEL_CHOICES)
+            raise choices_error("eval.labels", labels, ("uniform", "a list of class indices"))
         return rows % num_classes
     chosen = torch.as_tensor(list(labels), dtype=torch.long)
     if chosen.numel() == 0 or bool((chosen < 0).any()) or bool((chosen >= num_classes).any()):
         raise UserError(f"eval.labels={list(labels)} must list class indices in 0..{num_classes - 1}")
     return chosen[rows % len(chosen)]
+
+
+def asked_conditions(labels: str | list[int], field: VelocityField, datamodule: EvaluationData, num_samples: int,
+                     start: int, size: int) -> Tensor | None:  # fmt: skip
+    """What generated rows start .. start + size − 1 are conditioned on: nothing for an unconditional field; with
+    `labels="data"` the condition of the same row of the held-out set the samples are compared with (its class, or
+    its continuous condition: C²OT's protocol); else the classes `class_labels` asks."""
+    if not field.is_conditional:
+        return None
+    if labels == "data":
+        return datamodule.held_out_conditions(num_samples)[start : start + size]
+    return class_labels(labels, field.num_classes, start, size)
 
 
 def generate(
@@ -90,14 +102,15 @@ def generate(
 ) -> tuple[Tensor, list[int]]:
     """`num_samples` samples from the fixed source chunks of `draw`, on every rank, and the NFE of each chunk.
 
-    A class-conditional field generates the classes `class_labels(labels, ...)` asks for each row, guided with
+    A conditional field generates the conditions `asked_conditions(labels, ...)` gives each row, guided with
     `guidance_scale`. `on_chunk(samples)` sees each of this rank's chunks before the gather (FID's per-rank update).
     """
     device = field.device
 
     def compute(chunk: int, start: int, size: int) -> tuple[Tensor, int]:
         x0 = datamodule.eval_source(size, draw=draw, chunk=chunk, start=start).to(device)
-        asked = class_labels(labels, field.num_classes, start, size).to(device) if field.num_classes else None
+        asked = asked_conditions(labels, field, datamodule, num_samples, start, size)
+        asked = asked.to(device) if asked is not None else None
         # a stochastic sampler's noise, fixed per (draw, chunk) like the source: the same samples on any world size
         with (
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
@@ -188,6 +201,7 @@ class Evaluator:
         fidelity_metrics: list[str] | tuple[str, ...] = (),
         guidance_scale: float = 0.0,
         labels: str | list[int] = "uniform",
+        extra_solvers: Mapping[str, Sampler] | None = None,
     ) -> None:
         if num_samples < 2 or num_draws < 1 or batch_size < 1 or nll_samples < 0:
             raise UserError(
@@ -218,6 +232,7 @@ class Evaluator:
         self.fidelity_metrics = check_metrics(fidelity_metrics)
         self.guidance_scale = float(guidance_scale)
         self.labels = labels if isinstance(labels, str) else [int(label) for label in labels]
+        self.extra_solvers = dict(extra_solvers or {})
         self._classifier: Any = None  # the digits classifier of `class_accuracy`, built once
         self._fidelity: tuple[Any, Tensor] | None = None  # (extractor, reference features), built once
         self._tick: Callable[[], Any] | None = None
@@ -228,14 +243,20 @@ class Evaluator:
         """One line, before any sampling, for an evaluation this field cannot give: guidance without classes, a
         bad eval.labels, and guidance or the (unconditional) likelihood of a class-conditional net that never
         learned the null class (conditioning.p_uncond=0: its ∅ outputs are untrained weights, not a model)."""
-        if self.guidance_scale and not field.num_classes:
+        if self.guidance_scale and not field.is_conditional:
             raise UserError(
-                f"eval.guidance_scale={self.guidance_scale} needs a class-conditional run (conditioning=class); "
+                f"eval.guidance_scale={self.guidance_scale} needs a conditional run (conditioning=class or x); "
                 "this one is unconditional"
             )
-        if not field.num_classes:
+        if not field.is_conditional:
             return
-        class_labels(self.labels, field.num_classes, 0, 1)
+        if self.labels == "data":
+            if datamodule is not None and not hasattr(datamodule, "held_out_conditions"):
+                raise UserError(f"eval.labels=data needs held-out conditions; data={datamodule.name} has none")
+        elif field.condition_dim:
+            raise UserError(f"eval.labels={self.labels!r}: a continuous condition is asked as the data's; use data")
+        else:
+            class_labels(self.labels, field.num_classes, 0, 1)
         needs_null = {"eval.guidance_scale": self.guidance_scale}
         if datamodule is None or datamodule.source == "gaussian":
             needs_null["eval.nll_samples"] = self.nll_samples
@@ -259,11 +280,11 @@ class Evaluator:
         bar = self._progress_bar(datamodule, ranks)
         self._tick = bar.update if bar is not None else None
         try:
-            if datamodule.is_image:
-                results = self._image_metrics(field, datamodule, ranks)
-            else:
-                results = self._point_metrics(field, datamodule, ranks)
+            measure = self._image_metrics if datamodule.is_image else self._point_metrics
+            results = measure(field, datamodule, ranks)
             results.update(self.negative_log_likelihood(field, datamodule, ranks))
+            for name, solver in self.extra_solvers.items():
+                results.update(self._with_solver(name, solver, measure, field, datamodule, ranks))
         finally:
             field.train(was_training)
             if bar is not None:
@@ -276,16 +297,38 @@ class Evaluator:
             eval_world_size=ranks.world_size,
             eval_seconds=time.perf_counter() - started,
         )
-        if field.num_classes:
+        if field.is_conditional:
             results.update(guidance_scale=self.guidance_scale, labels=self.labels)
         results["card"] = self.card(field, datamodule, ranks, "nll" in results)
         return results
+
+    # what an extra solver reports, each key suffixed with the solver's name (w2_euler1, fid_euler1, ...)
+    EXTRA_KEYS = ("w2", "w2_std", "w2_draws", "w2_squared", "w2_squared_std", "mmd", "fid", "fid_std", "nfe",
+                  "nfe_max", "nonfinite_samples")  # fmt: skip
+
+    def _with_solver(self, name: str, solver: Sampler, measure: Callable, field: VelocityField,
+                     datamodule: EvaluationData, ranks: Ranks) -> dict[str, Any]:  # fmt: skip
+        """The sample metrics of the same draws again with `solver` (C²OT's Euler-1 beside its adaptive solver),
+        no path energy: `eval.extra_solvers: {name: <solver>}` gives `<metric>_<name>` keys."""
+        solver.check_path(field.path)
+        saved = self.solver, self.path_energy
+        self.solver, self.path_energy = solver, False
+        try:
+            extra = measure(field, datamodule, ranks)
+        finally:
+            self.solver, self.path_energy = saved
+        return {f"{key}_{name}": extra[key] for key in self.EXTRA_KEYS if key in extra}
 
     def card(self, field: VelocityField, datamodule: EvaluationData, ranks: Ranks, with_nll: bool) -> dict[str, Any]:
         """The evaluation half of a result card: everything that decides these numbers besides the weights (the
         sampler and how NFE is counted, the draws, what the metric compares with, the likelihood's settings)."""
         card: dict[str, Any] = {
             "solver": self.solver.describe(),
+            **(
+                {"extra_solvers": {k: s.describe() for k, s in self.extra_solvers.items()}}
+                if self.extra_solvers
+                else {}
+            ),
             "nfe": f"net calls per batch of {self.batch_size} samples, mean over batches (a guided call counts 2)",
             "samples": f"{self.num_draws} draws of {self.num_samples}",
             "eval_world_size": ranks.world_size,
@@ -300,7 +343,7 @@ class Evaluator:
                 "size": self.num_samples,
                 "floor": f"held-out draws 1..{self.num_draws} against draw 0",
             }
-        if field.num_classes:
+        if field.is_conditional:
             card["guidance"] = {"scale": self.guidance_scale, "labels": self.labels}
         if with_nll:
             solver = self.likelihood_solver or (
@@ -356,8 +399,10 @@ class Evaluator:
             floor.append(wasserstein2(datamodule.held_out(self.num_samples, index=1 + draw), held_out))
             nfe += chunk_nfe
             nonfinite += count_nonfinite(samples)
-        floor_and_mmd = {"w2_floor": statistics.fmean(floor), "mmd": statistics.fmean(mmd)}
-        results = {**over_draws("w2", w2), **floor_and_mmd, **nfe_stats(nfe), "nonfinite_samples": nonfinite}
+        floor_and_mmd = {"w2_floor": statistics.fmean(floor), "mmd": statistics.fmean(mmd),
+                         "w2_floor_squared": statistics.fmean(f**2 for f in floor)}  # fmt: skip
+        results = {**over_draws("w2", w2), **over_draws("w2_squared", [w**2 for w in w2]), **floor_and_mmd,
+                   **nfe_stats(nfe), "nonfinite_samples": nonfinite}  # fmt: skip
         if self._measures_path_energy(datamodule):
             results.update(self._path_energy(field, datamodule, ranks, held_out))
         return results
@@ -456,7 +501,7 @@ class Evaluator:
                 scores = self._fidelity_of(samples, datamodule) if measurable else unmeasured(self.fidelity_metrics)
                 for name, score in scores.items():
                     per_draw.setdefault(name, []).append(score)
-            if field.num_classes and feature == "digits":
+            if field.num_classes and feature == "digits" and self.labels != "data":
                 accuracy = self._class_accuracy(samples, field.num_classes) if measurable else math.nan
                 per_draw.setdefault("class_accuracy", []).append(accuracy)
             nfe += chunk_nfe

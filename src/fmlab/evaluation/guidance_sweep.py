@@ -23,7 +23,7 @@ def guidance_sweep(
 ) -> list[dict[str, Any]]:
     """One row per (solver, w): NFE (net calls, two per guided step), FID or W2, and on digits the class accuracy.
     The caller's evaluator is left as it was."""
-    if not field.num_classes:
+    if not field.is_conditional:
         raise UserError("sweep=guidance needs a class-conditional run (trained with conditioning=class)")
     if not guidance_scales:
         raise UserError("sweep.guidance_scales is empty; give at least one scale, e.g. [0, 1, 2]")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fmlab.errors import UserError, choices_error
-from fmlab.nets.embeddings import ClassEmbedding
+from fmlab.nets.embeddings import condition_input
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "selu": nn.SELU,
@@ -29,7 +29,8 @@ class MLP(nn.Module):
 
     With `num_classes` = K > 0 the net is class-conditional, v(t, x, y): a learned vector E[y] (K classes and the
     null class ∅) is added to the first layer's pre-activation W [x, τ(t)] + E[y], i.e. beside the time features'
-    contribution; y = None is ∅.
+    contribution; y = None is ∅. With `condition_dim` = k > 0 it takes a continuous condition c ∈ R^k the same
+    way, as W_c c + b_c (`ConditionEmbedding`; NaN rows are ∅).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class MLP(nn.Module):
         activation: str = "selu",
         time_frequencies: int = 0,
         num_classes: int = 0,
+        condition_dim: int = 0,
     ) -> None:
         super().__init__()
         if time_frequencies < 0:
@@ -60,8 +62,8 @@ class MLP(nn.Module):
             in_features = width
         layers.append(nn.Linear(in_features, dim))
         self.layers = nn.Sequential(*layers)
-        self.num_classes = num_classes
-        self.class_embedding = ClassEmbedding(num_classes, width) if num_classes else None
+        self.num_classes, self.condition_dim = num_classes, condition_dim
+        self.class_embedding = condition_input(num_classes, condition_dim, width)
 
     def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None) -> Tensor:
         t = t.to(x.dtype).expand(x.shape[0]).reshape(-1, 1)
@@ -72,7 +74,7 @@ class MLP(nn.Module):
         inputs = torch.cat(features, dim=1)
         if self.class_embedding is None:
             if labels is not None:
-                raise ValueError("labels given to an unconditional MLP (net.num_classes=0)")
+                raise ValueError("labels given to an unconditional MLP (net.num_classes=0, net.condition_dim=0)")
             return self.layers(inputs).view_as(x)
         first, rest = self.layers[0], self.layers[1:]
         hidden = first(inputs) + self.class_embedding(labels, x.shape[0]).to(x.dtype)
