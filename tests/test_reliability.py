@@ -527,6 +527,11 @@ BUILD_CASES = [
         ["solver=edm_heun", "solver.s_churn=40", "solver.s_min=5", "solver.s_max=1"],
         "leave no noise level to churn",
     ),  # fmt: skip
+    ("train", ["objective=mean_flow"], "time_sampler=mean_flow draws intervals for objective=mean_flow"),
+    ("train", ["method=meanflow", "time_sampler=uniform"], "got UniformTime with MeanFlowObjective"),
+    ("train", ["method=meanflow", "net.time_inputs=1"], "net.time_inputs=1; use method=meanflow"),
+    ("train", ["net.time_inputs=3"], "net.time_inputs=3 is invalid"),
+    ("train", ["solver=mean_flow"], "solver=mean_flow jumps with an average velocity: it needs method=meanflow"),
     ("train", ["coupling=reflow", "coupling.teacher=outputs/nope"], "coupling.teacher=outputs/nope does not exist"),
     (
         "train",

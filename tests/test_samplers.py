@@ -27,13 +27,16 @@ SMALL = {"num_steps": 6}
 
 
 class CountingNet(MarginalOracle):
-    """The exact field of three points (class-conditional: two classes), counting its calls."""
+    """The exact field of three points (class-conditional: two classes), counting its calls. It takes a duration
+    too and ignores it (the average velocity is the instantaneous one), so solver=mean_flow runs on it as Euler."""
+
+    time_inputs = 2
 
     def __init__(self, path: AffinePath) -> None:
         super().__init__(path, POINTS, point_labels=LABELS)
         self.calls = 0
 
-    def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None, duration: Tensor | None = None) -> Tensor:
         self.calls += 1
         return super().forward(t.expand(x.shape[0]), x, labels)
 

@@ -18,7 +18,15 @@ from omegaconf import OmegaConf
 from fmlab.cli import CONFIG_DIR
 from fmlab.io import write_csv
 from fmlab.launch import Jobs, cpu_slices, pending_launches, sweep_jobs, threads_per_worker
-from fmlab.results import aggregate, collect_metrics, column_value, render_markdown, table_rows
+from fmlab.results import (
+    aggregate,
+    collect_metrics,
+    column_value,
+    one_step_markdown,
+    render_markdown,
+    table_rows,
+    with_chain_costs,
+)
 from tests.conftest import run_cli
 
 
@@ -311,3 +319,25 @@ def test_sigterm_to_a_table_stops_every_job_with_its_checkpoint_and_the_rerun_re
     assert rerun.stdout.count("ckpt_path=") == 2  # both jobs resumed from their checkpoints, not restarted
     runs = collect_metrics(sweep_dir)
     assert sorted(r["method"] for r in runs) == ["fm_ot", "icfm"] and all(r["steps"] == 3000 for r in runs)
+
+
+def test_the_one_step_table_charges_each_stage_the_training_it_starts_from() -> None:
+    def row(stage: str, seed: int, steps: int, seconds: float, w2: float) -> dict:
+        few = {f"w2_steps{k}": w2 / k for k in (1, 2, 4)}
+        return {"task": "moons", "stage": stage, "seed": seed, "sampler": "euler", **few, "w2_dopri5": w2 / 8,
+                "nfe_dopri5": 100, "straightness": 0.1, "train_steps": steps, "train_seconds": seconds}  # fmt: skip
+
+    rows = [row("teacher", s, 12000, 100.0 + s, 2.0) for s in (0, 1)]
+    rows += [row("2-rectified", s, 4000, 50.0, 0.4) for s in (0, 1)] + [row("MeanFlow", 0, 12000, 300.0, 0.5)]
+    rows.append(row("2-rectified + distilled (k = 1)", 0, 2000, 20.0, 0.3))
+    chained = {(r["stage"], r["seed"]): r for r in with_chain_costs(rows)}
+    assert chained[("2-rectified", 1)]["chain_steps"] == 16000 and chained[("2-rectified", 1)]["chain_seconds"] == 151
+    assert chained[("2-rectified + distilled (k = 1)", 0)]["chain_seconds"] == 100 + 50 + 20
+    assert chained[("MeanFlow", 0)]["chain_steps"] == 12000  # from scratch: its own training only
+    markdown = one_step_markdown("moons", "w2", rows)
+    lines = {line.split(" (")[0].strip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
+    assert "0.400 ± 0.000" in lines["2-rectified"] and "16,000" in lines["2-rectified"]
+    assert "MeanFlow, p = 1" not in lines and "(1 seed) | jumps ū" in lines["MeanFlow"]
+    # a distilled run whose teacher row is gone cannot be charged: its chain is NaN, not its own cost
+    orphan = with_chain_costs([row("2-rectified + distilled (k = 1)", 3, 2000, 20.0, 0.3)])[0]
+    assert orphan["chain_steps"] != orphan["chain_steps"]

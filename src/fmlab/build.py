@@ -190,6 +190,8 @@ def build_parts(cfg: DictConfig) -> Parts:
         solver.check_path(module.path)  # e.g. the ancestral sampler on the OT path
     except UserError as refusal:
         raise UserError(f"solver={solver.method}: {refusal}") from None
+    if getattr(solver, "needs_durations", False) and getattr(module.net, "time_inputs", 1) != 2:
+        raise UserError(f"solver={solver.method} jumps with an average velocity: it needs method=meanflow")
     evaluator = instantiated(cfg, "eval", **reused(cfg.eval, {"${solver}": solver}))
     evaluator.check_field(module.velocity_field(), datamodule)
     check_time_sampler(module)
@@ -197,8 +199,23 @@ def build_parts(cfg: DictConfig) -> Parts:
 
 
 def check_time_sampler(module: Any) -> None:
-    """The training-time distribution must fit the path: see `TimeSampler.check`."""
+    """The training-time distribution must fit the path (`TimeSampler.check`), and intervals go with MeanFlow's loss
+    and a net with two time inputs, points in time with every other objective."""
+    from fmlab.objectives import MeanFlowObjective
+    from fmlab.paths.time_samplers import MeanFlowTimes
+
     module.time_sampler.check(module.path)
+    intervals = isinstance(module.time_sampler, MeanFlowTimes)
+    meanflow = isinstance(module.objective, MeanFlowObjective)
+    if intervals != meanflow:
+        pair = f"{type(module.time_sampler).__name__} with {type(module.objective).__name__}"
+        raise UserError(
+            f"time_sampler=mean_flow draws intervals for objective=mean_flow and only for it: got {pair}; "
+            "use method=meanflow"
+        )
+    if meanflow and getattr(module.net, "time_inputs", 1) != 2:
+        raise UserError(f"objective=mean_flow needs a net with two time inputs: net.time_inputs="
+                        f"{getattr(module.net, 'time_inputs', 1)}; use method=meanflow")  # fmt: skip
 
 
 def check_optimizer(module: Any) -> None:

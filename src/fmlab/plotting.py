@@ -30,6 +30,18 @@ def plot_2d_samples(data: Tensor, result: Any, num_trajectories: int, title: str
     return fig
 
 
+def plot_2d_sample_panels(data: Tensor, panels: list[tuple[str, Tensor]], target: Path) -> Path:
+    """Several titled 2D sample scatters side by side over the same held-out data (grey), saved to `target`."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), dpi=120, sharex=True, sharey=True)
+    for ax, (title, samples) in zip(list(axes) if len(panels) > 1 else [axes], panels, strict=True):
+        ax.scatter(data[:, 0].cpu(), data[:, 1].cpu(), s=1, c="0.75")
+        ax.scatter(samples[:, 0].cpu(), samples[:, 1].cpu(), s=1, c="tab:blue", alpha=0.6)
+        ax.set_title(title, fontsize=8)
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    return save_figure(fig, target)
+
+
 def image_grid(images: Tensor, columns: int = 16) -> Tensor:
     """[-1, 1] images tiled into one (C, H, W) picture in [0, 1], `columns` per row."""
     from torchvision.utils import make_grid

@@ -327,40 +327,83 @@ def summary_lines(metrics: dict[str, Any], run_dir: Path, kind: str = "train") -
     return lines
 
 
-# the reflow table (scripts/reflow_table.py): its stages, in order, and the Euler step counts it reports
-REFLOW_STAGES = ("teacher", "2-rectified", "2-rectified + distilled (k = 1)")
-REFLOW_EULER_STEPS = (1, 2, 4)
+# the one-step table (scripts/one_step_table.py): its stages in order with the sampler of their few-step columns
+# (reflow's stages take Euler steps, MeanFlow jumps along its average velocity), and the step counts it reports
+ONE_STEP_STAGES = {
+    "teacher": "euler",
+    "2-rectified": "euler",
+    "2-rectified + distilled (k = 1)": "euler",
+    "MeanFlow": "mean_flow",
+    "MeanFlow, p = 1": "mean_flow",
+}
+FEW_STEPS = (1, 2, 4)
+# the stages a stage's training starts from: their steps and seconds are part of what it cost
+STAGE_CHAIN = {"2-rectified": ("teacher",), "2-rectified + distilled (k = 1)": ("teacher", "2-rectified")}
+ONE_STEP_FIDELITY = ("kid", "precision", "recall")  # at one step, where the task measures them (digits)
 
 
-def reflow_row(task: str, stage: str, seed: int, metric: str, metrics: dict[str, Any],
-               euler: dict[int, float]) -> dict[str, Any]:  # fmt: skip
-    """One stage of one seed: `metric` at each Euler step count (`euler`, from `fmlab.evaluate` runs) and under
-    the run's own dopri5 evaluation (`metrics`, its metrics.json), straightness and the training seconds with the
-    pairs' generation."""
-    row: dict[str, Any] = {"task": task, "stage": stage, "seed": seed}
-    row.update({f"{metric}_euler{k}": euler[k] for k in REFLOW_EULER_STEPS})
+def one_step_row(task: str, stage: str, seed: int, metric: str, metrics: dict[str, Any],
+                 few_step: dict[int, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """One stage of one seed: `metric` after 1, 2 and 4 steps of the stage's sampler (`few_step`: the metrics.json of
+    `fmlab.evaluate` runs), under the run's own dopri5 evaluation (`metrics`), straightness, and the stage's own
+    training steps and seconds (its pair generation included); KID and precision/recall at one step where measured."""
+    row: dict[str, Any] = {"task": task, "stage": stage, "seed": seed, "sampler": ONE_STEP_STAGES[stage]}
+    row.update({f"{metric}_steps{k}": few_step[k][metric] for k in FEW_STEPS})
+    row.update({f"{name}_steps1": few_step[1][name] for name in ONE_STEP_FIDELITY if name in few_step[1]})
     row[f"{metric}_dopri5"] = metrics[metric]
     row["nfe_dopri5"] = metrics["nfe"]
     row["straightness"] = metrics.get("straightness", math.nan)
+    row["train_steps"] = metrics["steps"]
     row["train_seconds"] = metrics["train_seconds"] + metrics.get("pair_generation_seconds", 0.0)
     return row
 
 
-def reflow_markdown(task: str, metric: str, rows: list[dict[str, Any]]) -> str:
-    """The reflow table of one task: mean ± std over seeds of every stage's columns."""
+def with_chain_costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row with `chain_steps` and `chain_seconds`: its own training plus that of the stages it starts from
+    (`STAGE_CHAIN`, same task and seed): what one-step generation cost from scratch."""
+    own = {(r["task"], r["stage"], str(r["seed"])): r for r in rows}
+    out = []
+    for row in rows:
+        chain = [own.get((row["task"], stage, str(row["seed"]))) for stage in STAGE_CHAIN.get(row["stage"], ())]
+        total = [row, *chain]
+        missing = any(r is None for r in chain)
+        steps = math.nan if missing else sum(float(r["train_steps"]) for r in total)
+        seconds = math.nan if missing else sum(float(r["train_seconds"]) for r in total)
+        out.append({**row, "chain_steps": steps, "chain_seconds": seconds})
+    return out
+
+
+def one_step_markdown(task: str, metric: str, rows: list[dict[str, Any]]) -> str:
+    """The one-step table of one task: mean ± std over seeds of every stage's columns, stages without rows left out."""
     name = metric.upper()
-    columns = [f"{metric}_euler{k}" for k in REFLOW_EULER_STEPS]
-    columns += [f"{metric}_dopri5", "nfe_dopri5", "straightness", "train_seconds"]
-    header = [f"{name}, {k} Euler step{'s' if k > 1 else ''}" for k in REFLOW_EULER_STEPS]
-    header += [f"{name}, dopri5", "NFE dopri5", "straightness", "training s (pairs incl.)"]
-    lines = [f"**{task}** ({len({r['seed'] for r in rows})} seeds, mean ± std)", "",
-             "| stage | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]  # fmt: skip
-    for stage in REFLOW_STAGES:
+    rows = with_chain_costs(rows)
+    fidelity = [n for n in ONE_STEP_FIDELITY if any(r.get(f"{n}_steps1") not in (None, "") for r in rows)]
+    columns = [f"{metric}_steps{k}" for k in FEW_STEPS] + [f"{metric}_dopri5", "nfe_dopri5", "straightness"]
+    columns += [f"{n}_steps1" for n in fidelity] + ["chain_steps", "chain_seconds"]
+    header = [f"{name}, {k} step{'s' if k > 1 else ''}" for k in FEW_STEPS]
+    header += [f"{name}, dopri5", "NFE dopri5", "straightness"] + [f"{n}, 1 step" for n in fidelity]
+    header += ["training steps (chain)", "training s (chain, pairs incl.)"]
+    seeds = sorted({int(r["seed"]) for r in rows})
+    lines = [f"**{task}** (seeds {', '.join(map(str, seeds))}; mean ± std)", "",
+             "| stage | steps taken by | " + " | ".join(header) + " |", "|---" * (len(header) + 2) + "|"]  # fmt: skip
+    for stage, sampler in ONE_STEP_STAGES.items():
         mine = [r for r in rows if r["stage"] == stage]
+        if not mine:
+            continue
         cells = []
         for column in columns:
-            mean, std = mean_std([float(r[column]) for r in mine])
-            digits = 0 if column in ("train_seconds", "nfe_dopri5") else 3
-            cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
-        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+            values = [float(r[column]) for r in mine if r.get(column) not in (None, "")]
+            if not values:
+                cells.append("not run")
+                continue
+            mean, std = mean_std(values)
+            digits = 0 if column in ("chain_seconds", "chain_steps", "nfe_dopri5") else 3
+            if column == "chain_steps" and std == 0:
+                cells.append(f"{mean:,.0f}")
+                continue
+            partial = f" (n={len(values)})" if len(values) < len(mine) else ""
+            cells.append(f"{mean:,.{digits}f} ± {std:,.{digits}f}{partial}")
+        taken = "Euler" if sampler == "euler" else "jumps ū"
+        seeds_run = f"{len(mine)} seed{'s' if len(mine) > 1 else ''}"
+        lines.append(f"| {stage} ({seeds_run}) | {taken} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

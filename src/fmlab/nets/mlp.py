@@ -30,7 +30,9 @@ class MLP(nn.Module):
     With `num_classes` = K > 0 the net is class-conditional, v(t, x, y): a learned vector E[y] (K classes and the
     null class ∅) is added to the first layer's pre-activation W [x, τ(t)] + E[y], i.e. beside the time features'
     contribution; y = None is ∅. With `condition_dim` = k > 0 it takes a continuous condition c ∈ R^k the same
-    way, as W_c c + b_c (`ConditionEmbedding`; NaN rows are ∅).
+    way, as W_c c + b_c (`ConditionEmbedding`; NaN rows are ∅). With `time_inputs=2` it takes a second time, the
+    `duration` h of an interval (MeanFlow's u(x, t, t + h)), as t is taken: h and its Fourier pairs beside x and t;
+    no duration is h = 0.
     """
 
     def __init__(
@@ -42,8 +44,11 @@ class MLP(nn.Module):
         time_frequencies: int = 0,
         num_classes: int = 0,
         condition_dim: int = 0,
+        time_inputs: int = 1,
     ) -> None:
         super().__init__()
+        if time_inputs not in (1, 2):
+            raise UserError(f"net.time_inputs={time_inputs} is invalid; it must be 1 (t) or 2 (t and a duration h)")
         if time_frequencies < 0:
             raise UserError(f"net.time_frequencies={time_frequencies} must be >= 0")
         if activation not in ACTIVATIONS:
@@ -56,7 +61,8 @@ class MLP(nn.Module):
         dim = math.prod(self.data_shape)
         layers: list[nn.Module] = []
         self.register_buffer("frequencies", torch.pi * torch.arange(1, time_frequencies + 1, dtype=torch.float32))
-        in_features = dim + 1 + 2 * time_frequencies
+        self.time_inputs = time_inputs
+        in_features = dim + time_inputs * (1 + 2 * time_frequencies)
         for _ in range(depth):
             layers += [nn.Linear(in_features, width), ACTIVATIONS[activation]()]
             in_features = width
@@ -65,12 +71,17 @@ class MLP(nn.Module):
         self.num_classes, self.condition_dim = num_classes, condition_dim
         self.class_embedding = condition_input(num_classes, condition_dim, width)
 
-    def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None) -> Tensor:
-        t = t.to(x.dtype).expand(x.shape[0]).reshape(-1, 1)
-        features = [x.flatten(1), t]
-        if len(self.frequencies):
-            angles = t * self.frequencies.to(x.dtype)
-            features += [torch.sin(angles), torch.cos(angles)]
+    def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None, duration: Tensor | None = None) -> Tensor:
+        times = [t] if self.time_inputs == 1 else [t, duration if duration is not None else torch.zeros_like(t)]
+        if self.time_inputs == 1 and duration is not None:
+            raise ValueError("a duration given to an MLP with one time input (net.time_inputs=1)")
+        features = [x.flatten(1)]
+        for time in times:
+            time = time.to(x.dtype).expand(x.shape[0]).reshape(-1, 1)
+            features.append(time)
+            if len(self.frequencies):
+                angles = time * self.frequencies.to(x.dtype)
+                features += [torch.sin(angles), torch.cos(angles)]
         inputs = torch.cat(features, dim=1)
         if self.class_embedding is None:
             if labels is not None:

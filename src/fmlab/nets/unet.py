@@ -103,7 +103,8 @@ class UNet(nn.Module):
     where H / 2^ℓ is in `attention_resolutions`), then a stride-2 conv except at the last level. Middle: residual,
     attention, residual. Decoder: the mirror image with `num_res_blocks + 1` blocks per level, each taking an
     encoder activation as a skip connection, nearest ×2 upsampling + conv between levels. Time enters every
-    residual block through e = MLP(sinusoidal(1000 t)) of 4·`channels` features.
+    residual block through e = MLP(sinusoidal(1000 t)) of 4·`channels` features; with `time_inputs=2` a second
+    time, the duration h of an interval (MeanFlow's u(x, t, t + h)), adds its own MLP(sinusoidal(1000 h)).
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class UNet(nn.Module):
         time_scale: float = 1000.0,
         channels_last: bool = False,
         num_classes: int = 0,
+        time_inputs: int = 1,
     ) -> None:
         super().__init__()
         shape = tuple(int(d) for d in data_shape)
@@ -146,6 +148,8 @@ class UNet(nn.Module):
             raise UserError(f"net.norm_groups={norm_groups} must divide every level's channels {widths}")
         if num_classes < 0:
             raise UserError(f"net.num_classes={num_classes} must be >= 0 (0: unconditional)")
+        if time_inputs not in (1, 2):
+            raise UserError(f"net.time_inputs={time_inputs} is invalid; it must be 1 (t) or 2 (t and a duration h)")
         if not 0.0 <= dropout < 1.0:
             raise UserError(f"net.dropout={dropout} must satisfy 0 <= dropout < 1")
 
@@ -154,6 +158,13 @@ class UNet(nn.Module):
         embedding_dim = 4 * channels
         self.time_embedding = nn.Sequential(
             nn.Linear(channels, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim)
+        )
+        # MeanFlow's second time, the duration h of an interval: its own embedding, added to the time's
+        self.time_inputs = time_inputs
+        self.duration_embedding = (
+            nn.Sequential(nn.Linear(channels, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
+            if time_inputs == 2
+            else None
         )
         # ADM's class conditioning: a label embedding added to the time embedding (null class ∅ for guidance)
         self.num_classes = num_classes
@@ -196,9 +207,16 @@ class UNet(nn.Module):
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None, duration: Tensor | None = None) -> Tensor:
         t = t.to(x.dtype).expand(x.shape[0])
         embedding = self.time_embedding(sinusoidal_embedding(t, self.channels, self.time_scale).to(x.dtype))
+        if self.duration_embedding is not None:
+            h = (duration if duration is not None else torch.zeros_like(t)).to(x.dtype).expand(x.shape[0])
+            embedding = embedding + self.duration_embedding(
+                sinusoidal_embedding(h, self.channels, self.time_scale).to(x.dtype)
+            )
+        elif duration is not None:
+            raise ValueError("a duration given to a U-Net with one time input (net.time_inputs=1)")
         if self.class_embedding is not None:
             embedding = embedding + self.class_embedding(labels, x.shape[0]).to(x.dtype)
         elif labels is not None:

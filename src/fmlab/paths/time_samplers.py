@@ -296,3 +296,52 @@ class GridTime(TimeSampler):
 
     def _settings(self) -> str:
         return f"k={self.k}"
+
+
+def meanflow_to_flow_times(t: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """MeanFlow's clock to fmlab's, the one place they meet. Geng et al. 2025 write z_t = (1 − t) x + t ε (t = 1
+    is noise) and the average velocity u(z_t, r, t) over [r, t], r ≤ t; fmlab writes x_s = s x1 + (1 − s) x0
+    (s = 1 is data). So s = 1 − t is where an interval starts (the noisier end) and e = 1 − r ≥ s where it ends,
+    and fmlab's average velocity ū(x_s, s, e) = (1/(e − s)) ∫_s^e v dτ is −u: one jump x_e = x_s + (e − s) ū."""
+    return 1.0 - t, 1.0 - r
+
+
+class MeanFlowTimes(TimeSampler):
+    """Intervals [s, e] for MeanFlow's training (Geng et al. 2025, §4.3): in MeanFlow's clock t, r ~ logit-normal
+    (P_mean, P_std) independently (`p_mean_r`, `p_std_r` for r where they differ, as py-meanflow's CIFAR-10
+    defaults do), (t, r) ← (max, min), then r ← t with probability 1 − `ratio` (the paper's best: 25% of pairs with
+    r ≠ t; with r = t the MeanFlow loss is flow matching's), mapped to fmlab's [s, e] by `meanflow_to_flow_times`
+    and onto the path's training range. `sample` returns (n, 2): s, then e. Not a density on t: no density-ratio
+    weight (MeanFlow weighs its loss adaptively, `MeanFlowObjective`)."""
+
+    def __init__(self, p_mean: float = -0.4, p_std: float = 1.0, ratio: float = 0.25, p_mean_r: float | None = None,
+                 p_std_r: float | None = None, loss_weight: str = "none") -> None:  # fmt: skip
+        super().__init__(loss_weight)
+        if loss_weight != "none":
+            raise UserError("time_sampler=mean_flow draws intervals, not a density on t: loss_weight must be none")
+        if not p_std > 0 or (p_std_r is not None and not p_std_r > 0) or not 0 <= ratio <= 1:
+            raise UserError(f"time_sampler.p_std={p_std} (and p_std_r) must be > 0 and ratio={ratio} in [0, 1]")
+        self.p_mean, self.p_std, self.ratio = float(p_mean), float(p_std), float(ratio)
+        self.p_mean_r = float(p_mean if p_mean_r is None else p_mean_r)
+        self.p_std_r = float(p_std if p_std_r is None else p_std_r)
+
+    def sample(self, path: AffinePath, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        t = torch.sigmoid(self.p_mean + self.p_std * torch.randn(n, dtype=torch.float64))
+        r = torch.sigmoid(self.p_mean_r + self.p_std_r * torch.randn(n, dtype=torch.float64))
+        t, r = torch.maximum(t, r), torch.minimum(t, r)
+        r = torch.where(torch.rand(n, dtype=torch.float64) < 1 - self.ratio, t, r)
+        start, end = meanflow_to_flow_times(t, r)
+        width = path.train_t_max - path.train_t_min
+        times = torch.stack([start, end], dim=1).clamp(0.0, 1.0) * width + path.train_t_min
+        return times.to(device=device, dtype=dtype or torch.get_default_dtype())
+
+    def sample_unit(self, path: AffinePath, n: int) -> Tensor:
+        return (self.sample(path, n, dtype=torch.float64)[:, 0] - path.train_t_min) / (
+            path.train_t_max - path.train_t_min
+        )
+
+    def unit_log_density(self, path: AffinePath, u: Tensor) -> Tensor:
+        raise UserError("time_sampler=mean_flow draws intervals: it has no density on t")
+
+    def _settings(self) -> str:
+        return f"p_mean={self.p_mean}, p_std={self.p_std}, ratio={self.ratio}"

@@ -9,6 +9,7 @@ from fmlab.errors import SolverError
 from fmlab.samplers.base import Sampler, SampleResult, denoised, marginal_score, run_grid, sample
 from fmlab.samplers.diffusion import AncestralSampler, EulerMaruyama, PredictorCorrector, langevin_step
 from fmlab.samplers.edm import EDMHeun
+from fmlab.samplers.meanflow import MeanFlowSampler
 from fmlab.samplers.ode import ADAPTIVE_METHODS, FIXED_STEP_METHODS, ODESolver, PathEnergyResult, path_energy
 
 SAMPLERS: dict[str, type] = {
@@ -17,11 +18,13 @@ SAMPLERS: dict[str, type] = {
     "euler_maruyama": EulerMaruyama,
     "pc": PredictorCorrector,
     "edm_heun": EDMHeun,
+    "mean_flow": MeanFlowSampler,
 }
 
 __all__ = [
     "ADAPTIVE_METHODS",
     "FIXED_STEP_METHODS",
+    "MeanFlowSampler",
     "SAMPLERS",
     "AncestralSampler",
     "EDMHeun",
