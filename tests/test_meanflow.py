@@ -26,6 +26,7 @@ from fmlab.paths import AffinePath, Linear, MarginalOracle
 from fmlab.paths.time_samplers import MeanFlowTimes, meanflow_to_flow_times
 from fmlab.samplers import MeanFlowSampler, ODESolver, sample
 from tests.conftest import REPO_ROOT, run_cli
+from tests.test_resume import OT_RUN
 
 F64 = torch.float64
 MEAN, SCALE = torch.tensor([2.0, -1.0], dtype=F64), 0.5  # data N(MEAN, SCALE² I), source N(0, I)
@@ -179,19 +180,9 @@ def test_many_mean_flow_jumps_approach_the_ode_of_the_instantaneous_velocity() -
     assert errors[1] < 1e-2 and errors[0] / errors[1] > 4  # first order: 8x the steps, ~8x smaller
 
 
-MEANFLOW_RUN = [
-    "method=meanflow",
-    "solver=mean_flow",
-    "solver.num_steps=2",
-    "trainer.max_steps=150",
-    "data.batches_per_epoch=50",
-    "data.num_eval_samples=300",
-    "eval.num_draws=1",
-    "eval.nll_samples=0",
-    "eval.path_energy=false",
-    "trainer.deterministic=true",
-    "logger=csv",
-]
+# OT_RUN's budget and evaluation with MeanFlow's loss and two-jump sampling
+MEANFLOW_RUN = ["method=meanflow", "solver=mean_flow", "solver.num_steps=2"]
+MEANFLOW_RUN += [a for a in OT_RUN if not a.startswith(("method=", "coupling."))]
 
 
 def test_a_meanflow_run_killed_and_resumed_ends_like_an_unbroken_one(tmp_path: Path) -> None:

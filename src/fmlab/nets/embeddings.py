@@ -80,3 +80,22 @@ def condition_input(num_classes: int, condition_dim: int, dim: int) -> torch.nn.
     if num_classes:
         return ClassEmbedding(num_classes, dim)
     return ConditionEmbedding(condition_dim, dim) if condition_dim else None
+
+
+def check_time_inputs(time_inputs: int) -> int:
+    """1: the net reads t; 2: t and the duration h of an interval (MeanFlow's average velocity u(x, t, t + h))."""
+    if time_inputs not in (1, 2):
+        from fmlab.errors import UserError
+
+        raise UserError(f"net.time_inputs={time_inputs} is invalid; it must be 1 (t) or 2 (t and a duration h)")
+    return time_inputs
+
+
+def duration_input(duration: Tensor | None, t: Tensor, x: Tensor, time_inputs: int, net: str) -> Tensor | None:
+    """The per-row duration h a two-time-input net reads (h = 0, the instantaneous velocity, when none is given);
+    None for a one-time-input net, which refuses a duration."""
+    if time_inputs == 1:
+        if duration is not None:
+            raise ValueError(f"a duration given to a {net} with one time input (net.time_inputs=1)")
+        return None
+    return (duration if duration is not None else torch.zeros_like(t)).to(x.dtype).expand(x.shape[0])

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fmlab.errors import UserError, choices_error
-from fmlab.nets.embeddings import condition_input
+from fmlab.nets.embeddings import check_time_inputs, condition_input, duration_input
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "selu": nn.SELU,
@@ -47,8 +47,6 @@ class MLP(nn.Module):
         time_inputs: int = 1,
     ) -> None:
         super().__init__()
-        if time_inputs not in (1, 2):
-            raise UserError(f"net.time_inputs={time_inputs} is invalid; it must be 1 (t) or 2 (t and a duration h)")
         if time_frequencies < 0:
             raise UserError(f"net.time_frequencies={time_frequencies} must be >= 0")
         if activation not in ACTIVATIONS:
@@ -61,7 +59,7 @@ class MLP(nn.Module):
         dim = math.prod(self.data_shape)
         layers: list[nn.Module] = []
         self.register_buffer("frequencies", torch.pi * torch.arange(1, time_frequencies + 1, dtype=torch.float32))
-        self.time_inputs = time_inputs
+        self.time_inputs = check_time_inputs(time_inputs)
         in_features = dim + time_inputs * (1 + 2 * time_frequencies)
         for _ in range(depth):
             layers += [nn.Linear(in_features, width), ACTIVATIONS[activation]()]
@@ -72,11 +70,9 @@ class MLP(nn.Module):
         self.class_embedding = condition_input(num_classes, condition_dim, width)
 
     def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None, duration: Tensor | None = None) -> Tensor:
-        times = [t] if self.time_inputs == 1 else [t, duration if duration is not None else torch.zeros_like(t)]
-        if self.time_inputs == 1 and duration is not None:
-            raise ValueError("a duration given to an MLP with one time input (net.time_inputs=1)")
+        h = duration_input(duration, t, x, self.time_inputs, "MLP")
         features = [x.flatten(1)]
-        for time in times:
+        for time in [t] if h is None else [t, h]:
             time = time.to(x.dtype).expand(x.shape[0]).reshape(-1, 1)
             features.append(time)
             if len(self.frequencies):

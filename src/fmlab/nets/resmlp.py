@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from fmlab.errors import UserError
-from fmlab.nets.embeddings import condition_input
+from fmlab.nets.embeddings import check_time_inputs, condition_input, duration_input
 
 
 class ResidualBlock(nn.Module):
@@ -35,14 +34,12 @@ class ResidualMLP(nn.Module):
     def __init__(self, data_shape: Sequence[int], width: int = 128, depth: int = 3, expansion: float = 4.0,
                  num_classes: int = 0, condition_dim: int = 0, time_inputs: int = 1) -> None:  # fmt: skip
         super().__init__()
-        if time_inputs not in (1, 2):
-            raise UserError(f"net.time_inputs={time_inputs} is invalid; it must be 1 (t) or 2 (t and a duration h)")
         if width < 1 or depth < 1 or expansion <= 0:
             raise UserError(f"net.width={width}, net.depth={depth} must be >= 1 and net.expansion={expansion} > 0")
         self.data_shape = tuple(int(d) for d in data_shape)
         dim = math.prod(self.data_shape)
         self.input_proj, self.time_proj = nn.Linear(dim, width), nn.Linear(1, width)
-        self.time_inputs = time_inputs
+        self.time_inputs = check_time_inputs(time_inputs)
         self.duration_proj = nn.Linear(1, width) if time_inputs == 2 else None
         self.blocks = nn.Sequential(*(ResidualBlock(width, expansion) for _ in range(depth)))
         self.output_proj = nn.Linear(width, dim)
@@ -52,11 +49,9 @@ class ResidualMLP(nn.Module):
     def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None, duration: Tensor | None = None) -> Tensor:
         t = t.to(x.dtype).expand(x.shape[0]).reshape(-1, 1)
         h = self.input_proj(x.flatten(1)) + self.time_proj(t)
-        if self.duration_proj is not None:
-            length = duration if duration is not None else torch.zeros_like(t)
-            h = h + self.duration_proj(length.to(x.dtype).expand(x.shape[0]).reshape(-1, 1))
-        elif duration is not None:
-            raise ValueError("a duration given to a ResidualMLP with one time input (net.time_inputs=1)")
+        length = duration_input(duration, t, x, self.time_inputs, "ResidualMLP")
+        if length is not None:
+            h = h + self.duration_proj(length.reshape(-1, 1))
         if self.condition is not None:
             h = h + self.condition(labels, x.shape[0]).to(h.dtype)
         elif labels is not None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fmlab.errors import UserError
-from fmlab.nets.embeddings import ClassEmbedding, sinusoidal_embedding
+from fmlab.nets.embeddings import ClassEmbedding, check_time_inputs, duration_input, sinusoidal_embedding
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -148,8 +148,6 @@ class UNet(nn.Module):
             raise UserError(f"net.norm_groups={norm_groups} must divide every level's channels {widths}")
         if num_classes < 0:
             raise UserError(f"net.num_classes={num_classes} must be >= 0 (0: unconditional)")
-        if time_inputs not in (1, 2):
-            raise UserError(f"net.time_inputs={time_inputs} is invalid; it must be 1 (t) or 2 (t and a duration h)")
         if not 0.0 <= dropout < 1.0:
             raise UserError(f"net.dropout={dropout} must satisfy 0 <= dropout < 1")
 
@@ -160,7 +158,7 @@ class UNet(nn.Module):
             nn.Linear(channels, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim)
         )
         # MeanFlow's second time, the duration h of an interval: its own embedding, added to the time's
-        self.time_inputs = time_inputs
+        self.time_inputs = check_time_inputs(time_inputs)
         self.duration_embedding = (
             nn.Sequential(nn.Linear(channels, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
             if time_inputs == 2
@@ -210,13 +208,9 @@ class UNet(nn.Module):
     def forward(self, t: Tensor, x: Tensor, labels: Tensor | None = None, duration: Tensor | None = None) -> Tensor:
         t = t.to(x.dtype).expand(x.shape[0])
         embedding = self.time_embedding(sinusoidal_embedding(t, self.channels, self.time_scale).to(x.dtype))
-        if self.duration_embedding is not None:
-            h = (duration if duration is not None else torch.zeros_like(t)).to(x.dtype).expand(x.shape[0])
-            embedding = embedding + self.duration_embedding(
-                sinusoidal_embedding(h, self.channels, self.time_scale).to(x.dtype)
-            )
-        elif duration is not None:
-            raise ValueError("a duration given to a U-Net with one time input (net.time_inputs=1)")
+        h = duration_input(duration, t, x, self.time_inputs, "U-Net")
+        if h is not None:
+            embedding = embedding + self.duration_embedding(sinusoidal_embedding(h, self.channels, self.time_scale))
         if self.class_embedding is not None:
             embedding = embedding + self.class_embedding(labels, x.shape[0]).to(x.dtype)
         elif labels is not None:
