@@ -28,6 +28,11 @@ def train_config(tmp_path: Path) -> Callable[..., DictConfig]:
     return make
 
 
+def config_choices(group: str) -> str:
+    """A config group's choices as the one-line errors list them: every yaml in conf/<group>, sorted."""
+    return ", ".join(sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml")))
+
+
 def run_cli(module: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m <module> args...` as a user would, in `cwd`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": ""}

@@ -215,7 +215,8 @@ def test_guided_generation_is_the_same_under_any_batch_size_and_refused_for_unco
         samples[batch_size] = results["w2"]
     assert samples[60] == pytest.approx(samples[25], rel=1e-6)
     unconditional = VelocityField(MarginalOracle(path, POINTS.float()), VelocityObjective(), path)
-    with pytest.raises(UserError, match="eval.guidance_scale=1.0 needs a class-conditional run"):
+    refusal = r"eval.guidance_scale=1.0 needs a conditional run \(conditioning=class or x\); this one is unconditional"
+    with pytest.raises(UserError, match=refusal):
         Evaluator(solver, num_samples=60, num_draws=1, nll_samples=0, guidance_scale=1.0).evaluate(
             unconditional, PointData()
         )

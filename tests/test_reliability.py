@@ -33,7 +33,7 @@ from fmlab.paths.path import AffinePath
 from fmlab.results import format_cell, mean_std
 from fmlab.runs import lock_run_dir, optimized_value, write_metrics
 from fmlab.samplers import ODESolver, SolverError
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, config_choices, run_cli
 
 # 2 epochs of 100 steps; checkpoints at 100 and 200
 RUN = [
@@ -110,7 +110,7 @@ def test_bad_inputs_end_in_one_line_and_leave_an_existing_run_dir_as_it_was(fini
             [f"ckpt_path={empty_run}", new("e1")],
             f"ckpt_path={empty_run} is a directory without checkpoints",
         ),
-        ("table", [f"sweep_dir={tmp_path / 'table'}"], "table is required; choose one of: cpu_small"),
+        ("table", [f"sweep_dir={tmp_path / 'table'}"], f"table is required; choose one of: {config_choices('table')}"),
     ]
     before = tree_digest(finished)
 
