@@ -292,7 +292,7 @@ def test_sigterm_to_a_table_stops_every_job_with_its_checkpoint_and_the_rerun_re
     import time
 
     sweep_dir = tmp_path / "sweep"
-    steps = ["logger=csv", "trainer.max_steps=3000", "data.batches_per_epoch=100", "eval.num_samples=64",
+    steps = ["logger=csv", "trainer.max_steps=1500", "data.batches_per_epoch=100", "eval.num_samples=64",
              "eval.num_draws=1", "eval.nll_samples=0", "callbacks.sample_logger=null",
              "extras.print_config=false"]  # fmt: skip
     quoted = ",".join(f"'{o}'" for o in steps)
@@ -313,12 +313,12 @@ def test_sigterm_to_a_table_stops_every_job_with_its_checkpoint_and_the_rerun_re
     for name in ("fm", "icfm"):
         (job,) = (sweep_dir / name).glob("0_*")
         step = torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-        assert 200 <= step < 3000 and not (job / "metrics.json").exists()  # checkpointed where it was stopped
+        assert 200 <= step < 1500 and not (job / "metrics.json").exists()  # checkpointed where it was stopped
     rerun = run_cli("fmlab.table", *args, cwd=tmp_path, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert rerun.stdout.count("ckpt_path=") == 2  # both jobs resumed from their checkpoints, not restarted
     runs = collect_metrics(sweep_dir)
-    assert sorted(r["method"] for r in runs) == ["fm_ot", "icfm"] and all(r["steps"] == 3000 for r in runs)
+    assert sorted(r["method"] for r in runs) == ["fm_ot", "icfm"] and all(r["steps"] == 1500 for r in runs)
 
 
 def test_the_one_step_table_charges_each_stage_the_training_it_starts_from() -> None:
