@@ -29,7 +29,8 @@ def train_config(tmp_path: Path) -> Callable[..., DictConfig]:
 
 
 def config_choices(group: str) -> str:
-    """A config group's choices as the one-line errors list them: every yaml in conf/<group>, sorted."""
+    """A config group's choices as the one-line errors list them: every yaml in conf/<group>, sorted (read from the
+    files here, not through fmlab.cli.group_options, so the expectation does not share the code it checks)."""
     return ", ".join(sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml")))
 
 
