@@ -40,3 +40,24 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: float = 300) -> subproc
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def cli_error(entry: str, args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """`python -m fmlab.<entry> args` run in this process up to its pre-run checks: (exit status, stdout, stderr).
+    For commands that must stop there (nothing is trained, no state outlives the call): the same code path as a
+    real process without its seconds of imports."""
+    import importlib
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    module = importlib.import_module(f"fmlab.{entry}")
+    saved = sys.argv
+    sys.argv = [f"fmlab-{entry}", *args]
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            module.main()
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()
+    out, err = capsys.readouterr()
+    return stopped.value.code, out, err

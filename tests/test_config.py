@@ -49,11 +49,11 @@ def test_option_composes_and_instantiates(group: str, option: str, train_config,
         overrides.append(f"data={IMAGE_DATA_OF_NET[option]}")
     if group == "coupling" and option == "reflow":  # needs a teacher run; it is read only when training starts
         overrides.append(f"coupling.teacher={tmp_path / 'teacher'}")
-    data = train_config(*overrides).data.target
-    if data in WRITERS:  # datasets read from disk: a small copy in the real format
-        WRITERS[data](tmp_path / "data")
-        overrides.append(f"data.data_dir={tmp_path / 'data'}")
     cfg = train_config(*overrides)
+    if cfg.data.target in WRITERS:  # datasets read from disk: a small copy in the real format, composed again
+        WRITERS[cfg.data.target](tmp_path / "data")
+        overrides.append(f"data.data_dir={tmp_path / 'data'}")
+        cfg = train_config(*overrides)
     datamodule = instantiate(cfg.data)
     with torch.device("meta"):  # every constructor runs, without the memory and random init of 150M+ parameters
         module = FlowModule.from_config(cfg)

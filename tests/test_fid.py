@@ -122,7 +122,7 @@ def test_fid_agrees_with_torch_fidelity_on_the_same_image_folders(inception_weig
 
     from fmlab.metrics.fid import to_inception_input
 
-    real_images = DigitsDataModule().reference_images()[:120]
+    real_images = DigitsDataModule().reference_images()[:80]  # more images than the 64 features: full-rank
     fake_images = torch.rand(real_images.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1  # uniform noise
     folders = {"real": to_inception_input(real_images), "fake": to_inception_input(fake_images)}
     for name, pixels in folders.items():  # the two folders torch-fidelity reads: 8x8 RGB PNGs

@@ -23,7 +23,7 @@ from fmlab.nets import MLP, UNet
 from fmlab.objectives import EpsilonObjective, ScoreObjective, VelocityField, VelocityObjective, guided_prediction
 from fmlab.paths import AffinePath, CondOT, MarginalOracle, VPLinear
 from fmlab.samplers import ODESolver, sample
-from tests.conftest import run_cli
+from tests.conftest import cli_error, run_cli
 
 # K = 6 points in 2D, two per class
 POINTS = torch.tensor([[3.0, 0.0], [2.0, 2.0], [-2.0, 2.0], [-3.0, 0.0], [0.0, -3.0], [1.0, -2.5]], dtype=torch.float64)
@@ -242,11 +242,12 @@ def test_conditional_nets_read_the_label_and_none_is_the_null_class(make) -> Non
 
 
 def test_cli_refuses_class_conditioning_on_unlabelled_data_and_guidance_sweeps_of_unconditional_runs(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    result = run_cli("fmlab.train", "conditioning=class", "data=checkerboard", "logger=none", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "conditioning=class needs data with class labels; data=checkerboard has none" in result.stderr
+    args = ["conditioning=class", "data=checkerboard", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    status, _, err = cli_error("train", args, capsys)
+    assert status == 2
+    assert "conditioning=class needs data with class labels; data=checkerboard has none" in err
 
 
 @pytest.mark.slow

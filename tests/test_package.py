@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, cli_error, run_cli
 
 PACKAGE = REPO_ROOT / "src" / "fmlab"
 ENTRY_POINTS = {"fmlab.train", "fmlab.evaluate", "fmlab.table"}
@@ -108,7 +108,9 @@ def test_a_wheel_installed_outside_the_checkout_trains_with_its_own_configs(tmp_
     assert json.loads(metrics.read_text())["steps"] == 50
 
 
-def test_a_config_dir_on_the_search_path_adds_a_data_option_that_trains(tmp_path: Path) -> None:
+def test_a_config_dir_on_the_search_path_adds_a_data_option_that_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     user_conf = tmp_path / "my_conf" / "data"
     user_conf.mkdir(parents=True)
     (user_conf / "my_checkerboard.yaml").write_text(
@@ -122,8 +124,10 @@ def test_a_config_dir_on_the_search_path_adds_a_data_option_that_trains(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["data"] == "checkerboard"
     # nested options resolve as Hydra resolves them; a missing one is still one line with the choices
-    nested = run_cli("fmlab.train", "experiment=recipes/digits", "trainer.max_steps=0", cwd=tmp_path)
-    assert nested.stderr.strip() == "fmlab: error: trainer.max_steps=0 is invalid; it must be a positive integer"
+    nested = cli_error(
+        "train", ["experiment=recipes/digits", "trainer.max_steps=0", f"hydra.run.dir={tmp_path / 'n'}"], capsys
+    )
+    assert nested[2].strip() == "fmlab: error: trainer.max_steps=0 is invalid; it must be a positive integer"
     missing = run_cli("fmlab.train", f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "data=nope", cwd=tmp_path)
     line = missing.stderr.strip()
     assert missing.returncode == 2 and line.startswith("fmlab: error: data=nope is not a valid choice; choose one of:")

@@ -33,7 +33,7 @@ from fmlab.paths.path import AffinePath
 from fmlab.results import format_cell, mean_std
 from fmlab.runs import lock_run_dir, optimized_value, write_metrics
 from fmlab.samplers import ODESolver, SolverError
-from tests.conftest import REPO_ROOT, config_choices, run_cli
+from tests.conftest import REPO_ROOT, cli_error, config_choices, run_cli
 
 # 2 epochs of 100 steps; checkpoints at 100 and 200
 RUN = [
@@ -447,26 +447,6 @@ def test_a_checkpoint_written_before_classes_moved_resumes_and_rebuilds_its_run(
 
     for key in ("coupling", "solver"):  # and they build
         assert type(instantiate(OmegaConf.create(upgraded[key]))).__name__ in upgraded[key]["_target_"]
-
-
-def cli_error(entry: str, args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """`python -m fmlab.<entry> args` run in this process up to its pre-run checks: (exit status, stdout, stderr).
-    Every case below must stop there, so nothing is trained and no state outlives the call."""
-    import importlib
-
-    from hydra.core.global_hydra import GlobalHydra
-
-    module = importlib.import_module(f"fmlab.{entry}")
-    saved = sys.argv
-    sys.argv = [f"fmlab-{entry}", *args]
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            module.main()
-    finally:
-        sys.argv = saved
-        GlobalHydra.instance().clear()
-    out, err = capsys.readouterr()
-    return stopped.value.code, out, err
 
 
 @pytest.fixture(scope="module")

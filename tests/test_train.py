@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from fmlab.module import FlowModule
 from fmlab.paths import AffinePath, CondOT
 from fmlab.samplers import ODESolver
 from fmlab.train import train
-from tests.conftest import REPO_ROOT, config_choices, run_cli
+from tests.conftest import REPO_ROOT, cli_error, config_choices, run_cli
 
 METRICS_KEYS = {"w2", "w2_floor", "nfe", "train_seconds", "steps", "method", "data", "seed", "config_digest"}
 
@@ -120,12 +122,30 @@ def test_default_job_leaves_config_csv_wandb_checkpoint_png_and_metrics(tmp_path
         ("scheduler=nope", f"scheduler=nope is not a valid choice; choose one of: {config_choices('scheduler')}"),
     ],
 )
-def test_bad_overrides_end_with_one_line_naming_value_and_choices(override: str, expected: str, tmp_path: Path) -> None:
-    # the choices are read from conf/, so a new option does not break the test while a missing one does
-    result = run_cli("fmlab.train", override, "logger=none", cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fmlab: error: ") and lines[0].endswith(expected), result.stderr
+def test_bad_overrides_end_with_one_line_naming_value_and_choices(
+    override: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # the choices are read from conf/, so a new option does not break the test while a missing one does. A bad
+    # choice ends before torch is imported, so it runs as a real process; a bad value needs the built parts, so it
+    # runs the same checks in this process (a real process for a bad value: test_reliability)
+    run_dir = tmp_path / "run"
+    if "=nope" in override:
+        result = run_cli("fmlab.train", override, "logger=none", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        status, err = result.returncode, result.stderr
+    else:
+        status, _, err = cli_error("train", [override, "logger=none", f"hydra.run.dir={run_dir}"], capsys)
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fmlab: error: ") and lines[0].endswith(expected), err
+    assert not run_dir.exists()
+
+
+def test_entry_points_check_a_command_before_importing_torch() -> None:
+    # what makes a mistyped option end at once: the entry points import torch (and Lightning) only to build a run
+    entry_points = "import sys, fmlab.train, fmlab.evaluate, fmlab.table"
+    code = f"{entry_points}; print(sorted({{'torch', 'lightning'}} & sys.modules.keys()))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def test_repo_root_is_where_the_configs_live() -> None:
