@@ -124,10 +124,9 @@ def test_a_config_dir_on_the_search_path_adds_a_data_option_that_trains(
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["data"] == "checkerboard"
     # nested options resolve as Hydra resolves them; a missing one is still one line with the choices
-    nested = cli_error(
-        "train", ["experiment=recipes/digits", "trainer.max_steps=0", f"hydra.run.dir={tmp_path / 'n'}"], capsys
-    )
-    assert nested[2].strip() == "fmlab: error: trainer.max_steps=0 is invalid; it must be a positive integer"
+    nested = ["experiment=recipes/digits", "trainer.max_steps=0", f"hydra.run.dir={tmp_path / 'nested'}"]
+    status, _, err = cli_error("train", nested, capsys)
+    assert status == 2 and err.strip() == "fmlab: error: trainer.max_steps=0 is invalid; it must be a positive integer"
     missing = run_cli("fmlab.train", f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "data=nope", cwd=tmp_path)
     line = missing.stderr.strip()
     assert missing.returncode == 2 and line.startswith("fmlab: error: data=nope is not a valid choice; choose one of:")
