@@ -12,6 +12,7 @@ import pytest
 from omegaconf import DictConfig
 
 from fmlab.cli import CONFIG_DIR, compose_train_config
+from tests.cli_process import CLIProcess
 
 REPO_ROOT = CONFIG_DIR.parent
 
@@ -34,12 +35,28 @@ def config_choices(group: str) -> str:
     return ", ".join(sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml")))
 
 
-def run_cli(module: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m <module> args...` as a user would, in `cwd`."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": ""}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment the tests run commands in: this one, unbuffered output, Hydra's short errors."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "", **extra}
+
+
+def start_cli(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> CLIProcess:
+    """Start `python -m <module> args...` in `cwd` as its own process (forked with the heavy dependencies already
+    imported: tests/cli_process.py says what that keeps and what it skips)."""
+    return CLIProcess(module, list(args), str(cwd), env or cli_env())
+
+
+def run_cli(
+    module: str, *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """Run `python -m <module> args...` as a user would, in `cwd`. `fresh`: in a new interpreter, for the tests of
+    what a first import prints or loads."""
+    if fresh:
+        return subprocess.run(
+            [sys.executable, "-m", module, *args], cwd=cwd, env=env or cli_env(), capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+    return start_cli(module, *args, cwd=cwd, env=env).communicate(timeout=timeout)
 
 
 def cli_error(entry: str, args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

@@ -8,11 +8,9 @@ import csv
 import hashlib
 import json
 import math
-import os
 import pickle
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +31,7 @@ from fmlab.paths.path import AffinePath
 from fmlab.results import format_cell, mean_std
 from fmlab.runs import lock_run_dir, optimized_value, write_metrics
 from fmlab.samplers import ODESolver, SolverError
-from tests.conftest import REPO_ROOT, cli_error, config_choices, run_cli
+from tests.conftest import REPO_ROOT, cli_env, cli_error, config_choices, run_cli, start_cli
 
 # 2 epochs of 100 steps; checkpoints at 100 and 200
 RUN = [
@@ -170,15 +168,8 @@ def test_sigterm_during_the_final_evaluation_exits_143_and_the_resumed_run_evalu
 
 def test_a_second_run_in_a_held_run_dir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "fmlab.train",
-        "trainer.max_steps=100000",
-        "logger=none",
-        f"hydra.run.dir={run_dir}",
-    ]
-    first = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    forever = ["trainer.max_steps=100000", "logger=none"]
+    first = start_cli("fmlab.train", *forever, f"hydra.run.dir={run_dir}", cwd=REPO_ROOT)
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / ".hydra" / "config.yaml").exists() and time.monotonic() < deadline:
@@ -193,7 +184,7 @@ def test_a_second_run_in_a_held_run_dir_is_refused_and_a_killed_run_leaves_no_lo
         )
     finally:
         first.send_signal(signal.SIGKILL)
-        first.wait()
+        first.communicate()
     lock_run_dir(run_dir)  # the kernel released the killed run's lock
 
 
@@ -387,21 +378,15 @@ def test_an_exploded_model_stops_at_the_cap_with_its_checkpoint_and_metrics(tmp_
 def test_wandb_disabled_writes_no_run_and_a_rejected_key_falls_back_to_offline(tmp_path: Path) -> None:
     short = ["trainer.max_steps=20", "data.num_eval_samples=100", "eval.num_draws=1", "eval.nll_samples=0",
              "callbacks.sample_logger=null"]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    disabled = subprocess.run(
-        [sys.executable, "-m", "fmlab.train", *short, "logger=many", f"hydra.run.dir={tmp_path / 'disabled'}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    disabled = run_cli("fmlab.train", *short, "logger=many", f"hydra.run.dir={tmp_path / 'disabled'}",
+                       cwd=REPO_ROOT, env=cli_env(WANDB_MODE="disabled"))  # fmt: skip
     assert disabled.returncode == 0, disabled.stderr[-3000:]
     assert not (tmp_path / "disabled" / "wandb").exists() and (tmp_path / "disabled" / "csv").is_dir()
     # a well-formed key the service rejects or cannot check: here a closed local port answers for the service
-    env = {**env, "WANDB_MODE": "online", "WANDB_API_KEY": "0123456789abcdef" * 2 + "01234567",
-           "WANDB_BASE_URL": "http://127.0.0.1:9"}  # fmt: skip
-    rejected = subprocess.run(
-        [sys.executable, "-m", "fmlab.train", *short, "logger=wandb", "logger.wandb.init_timeout=5",
-         f"hydra.run.dir={tmp_path / 'rejected'}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    online = cli_env(WANDB_MODE="online", WANDB_API_KEY="0123456789abcdef" * 2 + "01234567",
+                     WANDB_BASE_URL="http://127.0.0.1:9")  # fmt: skip
+    rejected = run_cli("fmlab.train", *short, "logger=wandb", "logger.wandb.init_timeout=5",
+                       f"hydra.run.dir={tmp_path / 'rejected'}", cwd=REPO_ROOT, env=online)  # fmt: skip
     assert rejected.returncode == 0, rejected.stderr[-3000:]
     assert "fmlab: W&B could not start online" in rejected.stderr and "logging offline instead" in rejected.stderr
     assert list((tmp_path / "rejected").glob("wandb/offline-run-*/run-*.wandb"))

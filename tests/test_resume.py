@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 
 from fmlab.errors import UserError
 from fmlab.runs import load_run
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, run_cli, start_cli
 from tests.wandb_files import read_run, run_files
 
 # 3 epochs of 200 steps; checkpoints at every epoch end
@@ -45,17 +43,14 @@ def unbroken(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def start_and_kill(run_dir: Path, sig: signal.Signals, *extra: str) -> subprocess.CompletedProcess:
     """Start a run, wait for its first checkpoint (step 200), let it go on a little, then send `sig` from outside."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "fmlab.train", *RUN, *extra, f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = start_cli("fmlab.train", *RUN, *extra, f"hydra.run.dir={run_dir}", cwd=REPO_ROOT)
     first = run_dir / "checkpoints" / "step0000200.ckpt"
     deadline = time.monotonic() + 120
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)
     process.send_signal(sig)
-    stdout, stderr = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(command, process.returncode, stdout.decode(), stderr.decode())
+    return process.communicate(timeout=120)
 
 
 @pytest.mark.parametrize(
