@@ -99,6 +99,13 @@ class CLIProcess:
     def poll(self) -> int | None:
         return self._process.exitcode
 
+    def stdout_so_far(self) -> str:
+        try:
+            with open(self._stdout, encoding="utf-8", errors="replace") as file:
+                return file.read()
+        except FileNotFoundError:  # not started yet
+            return ""
+
     def send_signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
 
