@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 ARGS ?=
 # make test runs test files in parallel, one process per CPU, each with one torch thread: measured on 2 cores,
-# 4:37 against 7:17 serial (5:06-5:47 since the MeanFlow and C2OT tests, 5:24 after the in-process error checks);
+# 4:37 against 7:17 serial (5:06-5:47 since the MeanFlow and C2OT tests, 5:24 after the in-process error checks,
+# 4:00 since commands fork from a server that imported the heavy dependencies once: tests/cli_process.py);
 # two processes with torch's default threads each took 11:14 (their threads contend)
 TEST_WORKERS ?= auto
 PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
