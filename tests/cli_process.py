@@ -65,6 +65,7 @@ def _run_as_main(module: str, args: list[str], cwd: str, env: dict[str, str], st
         os.close(target)
     for stream in (sys.stdout, sys.stderr):  # as PYTHONUNBUFFERED=1 leaves them
         stream.reconfigure(line_buffering=True, write_through=True)
+    multiprocessing.set_start_method(None, force=True)  # the platform's default (loader workers fork), as fresh
     sys.path.insert(0, cwd)  # `python -m` puts the working directory first
     sys.argv = [module, *args]
     status = 0

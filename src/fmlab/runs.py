@@ -115,6 +115,18 @@ def lock_run_dir(run_dir: str | Path) -> None:
     _held_locks[directory] = descriptor
 
 
+def _drop_inherited_locks() -> None:
+    """In a forked child (a loader worker): close the copies of the run dir locks. flock locks belong to the open
+    file, which a fork shares, so a worker outliving a SIGKILLed run would hold its dir for seconds; closing the
+    copy (never unlocking it, which would free the parent's lock too) leaves the lock to the run alone."""
+    for descriptor in _held_locks.values():
+        os.close(descriptor)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 def is_launching_process() -> bool:
     """False in the extra ranks of a multi-process run (started by Lightning, torchrun or srun): they share the
     launching process's run dir and must not take its lock."""
