@@ -6,11 +6,13 @@ import csv
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from fmlab.cli import quiet_stack_deprecations
 from fmlab.data.toy2d import Toy2DDataModule
 from fmlab.evaluation import Evaluator
 from fmlab.module import FlowModule
@@ -110,6 +112,28 @@ def test_default_job_leaves_config_csv_wandb_checkpoint_png_and_metrics(tmp_path
     assert (card["devices"], card["per_device_batch_size"], card["global_batch_size"]) == (1, 256, 256)
     assert card["samples_seen"] == 120 * 256 and card["reference"]["size"] == 300
     assert card["versions"]["torch"] == torch.__version__ and card["likelihood"]["solver"] == card["solver"]
+
+
+# modules of the stack's packages, and modules outside it (a user's, fmlab's, names that only share a prefix)
+STACK_MODULES = ["torch.jit._script", "torch", "lightning.pytorch.trainer", "torchmetrics.image.fid", "numpy.core"]
+OTHER_MODULES = ["my_project.nets", "fmlab.nets.unet", "torchy", "scipyx.stats"]
+DEPRECATIONS = [DeprecationWarning, FutureWarning, PendingDeprecationWarning]
+
+
+def test_deprecations_raised_inside_the_stack_are_quiet_and_those_of_any_other_module_show() -> None:
+    """What a run hides is decided by where a deprecation is raised, not by a list of known messages: messages
+    nobody listed, from any of the stack's packages, are hidden; the same from any other module still show, as does
+    any other kind of warning from the stack."""
+    raised = [(m, c) for m in STACK_MODULES + OTHER_MODULES for c in DEPRECATIONS]
+    raised += [("torch.utils.data", UserWarning), ("lightning.pytorch", RuntimeWarning)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        quiet_stack_deprecations()
+        for module, category in raised:
+            warnings.warn_explicit(f"{module} {category.__name__}: x is deprecated", category, "file.py", 1, module)
+    shown = {str(w.message).split(":")[0] for w in caught}
+    assert shown == {f"{m} {c.__name__}" for m, c in raised if m not in STACK_MODULES or c not in DEPRECATIONS}
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -161,6 +162,15 @@ def run_entry_point(
 
 # Lightning's tips advertise services; torch's deprecations inside Lightning are not the user's to fix
 _ADVERTISING = "💡 Tip:"
+# The stack's packages: a deprecation notice a run triggers inside one of them (torch.func.jvp's first call warns
+# that torch.jit.script is deprecated, from torch's own code) is for that package's authors, not for a user's config.
+# A notice attributed to any other module (a user's net, or fmlab's own calls, which the tests keep clean) shows.
+THIRD_PARTY_PACKAGES = ("torch", "torchvision", "torchmetrics", "torchdiffeq", "torch_fidelity", "lightning",
+                        "lightning_utilities", "hydra", "omegaconf", "wandb", "ot", "sklearn", "scipy", "numpy",
+                        "matplotlib", "PIL")  # fmt: skip
+DEPRECATION_CATEGORIES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+THIRD_PARTY_MODULES = rf"(?:{'|'.join(re.escape(name) for name in THIRD_PARTY_PACKAGES)})(?:\.|$)"
+# messages the stack raises as other categories, or attributes to a caller outside it
 THIRD_PARTY_DEPRECATIONS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     r".*The anonymous setting has no effect.*",
@@ -177,7 +187,7 @@ class _DropAdvertising(logging.Filter):
 def quiet_third_party_output() -> None:
     """Once Hydra's handlers are on the root logger (console and <run dir>/<job>.log), Lightning's own console
     handlers would print each of its lines a second time: remove them and let the records propagate. Drop
-    Lightning's advertising tips and the third-party deprecation warnings a default run triggers."""
+    Lightning's advertising tips and the deprecation warnings raised inside the stack's packages."""
     if logging.getLogger().handlers:
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             logger = logging.getLogger(name)
@@ -186,6 +196,13 @@ def quiet_third_party_output() -> None:
             logger.propagate = True
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropAdvertising())
+    quiet_stack_deprecations()
+
+
+def quiet_stack_deprecations() -> None:
+    """Ignore the deprecation warnings attributed to a module of THIRD_PARTY_PACKAGES, and the listed messages."""
+    for category in DEPRECATION_CATEGORIES:
+        warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY_MODULES)
     for pattern in THIRD_PARTY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=pattern)
 
