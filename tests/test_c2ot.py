@@ -12,6 +12,7 @@ import ot
 import pytest
 import torch
 
+from fmlab.conditioning import ConditionEmbedding, drop_to_null
 from fmlab.couplings import (
     ConditionAwareOTCoupling,
     MinibatchOTCoupling,
@@ -22,8 +23,6 @@ from fmlab.couplings import (
 )
 from fmlab.data.toy2d import Toy2DDataModule, sample_8gaussians_labelled
 from fmlab.errors import UserError
-from fmlab.module import drop_labels_to_null
-from fmlab.nets.embeddings import ConditionEmbedding
 from fmlab.objectives import VelocityField, VelocityObjective
 from fmlab.paths import AffinePath, CondOT, MarginalOracle
 from fmlab.samplers import ODESolver, sample
@@ -116,7 +115,7 @@ def test_continuous_conditions_embed_and_drop_to_the_null_condition() -> None:
     out = embedding(conditions)
     assert torch.equal(out[1], embedding.null) and not torch.equal(out[0], embedding.null)
     torch.manual_seed(0)
-    dropped = drop_labels_to_null(torch.ones(20_000, 1), 0.2, float("nan"))
+    dropped = drop_to_null(torch.ones(20_000, 1), 0.2)
     assert float(torch.isnan(dropped).double().mean()) == pytest.approx(0.2, abs=0.01)
 
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from fmlab.conditioning import class_labels, drop_to_null
 from fmlab.couplings import MinibatchOTCoupling
 from fmlab.data.images import DigitsDataModule
 from fmlab.data.tong2d import TongDataModule
 from fmlab.data.toy2d import Toy2DDataModule
 from fmlab.distributed import Ranks
 from fmlab.errors import UserError
-from fmlab.evaluation.engine import Evaluator, class_labels
-from fmlab.module import drop_labels_to_null
+from fmlab.evaluation.engine import Evaluator
 from fmlab.nets import MLP, UNet
 from fmlab.objectives import EpsilonObjective, ScoreObjective, VelocityField, VelocityObjective, guided_prediction
 from fmlab.paths import AffinePath, CondOT, MarginalOracle, VPLinear
@@ -116,12 +116,12 @@ def test_label_dropout_rate_is_p_uncond_within_binomial_error() -> None:
     torch.manual_seed(0)
     labels = torch.randint(0, 10, (200_000,))
     for p in (0.1, 0.2, 0.5):
-        dropped = drop_labels_to_null(labels, p, null=10)
+        dropped = drop_to_null(labels, p, num_classes=10)
         rate = (dropped == 10).float().mean().item()
         assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / len(labels))
         kept = dropped != 10
         assert torch.equal(dropped[kept], labels[kept])  # kept labels are untouched
-    assert drop_labels_to_null(labels, 0.0, null=10) is labels
+    assert drop_to_null(labels, 0.0, num_classes=10) is labels
 
 
 def test_loaders_yield_true_labels_never_the_null_class() -> None:

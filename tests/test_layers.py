@@ -12,7 +12,16 @@ from tests.test_package import imported_modules
 PACKAGE = REPO_ROOT / "src" / "fmlab"
 # bottom up: an import only goes to its own layer or one below
 LAYERS = [
-    {"fmlab", "fmlab.errors", "fmlab.seeding", "fmlab.io", "fmlab.distributed", "fmlab.plotting", "fmlab.optim"},
+    {
+        "fmlab",
+        "fmlab.errors",
+        "fmlab.seeding",
+        "fmlab.io",
+        "fmlab.distributed",
+        "fmlab.plotting",
+        "fmlab.optim",
+        "fmlab.conditioning",
+    },
     {"fmlab.paths", "fmlab.couplings", "fmlab.nets", "fmlab.metrics"},
     {"fmlab.objectives"},
     {"fmlab.samplers"},

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from fmlab.conditioning import drop_to_null
 from fmlab.errors import UserError
 from fmlab.objectives import Objective, VelocityField
 from fmlab.paths.path import AffinePath
@@ -22,17 +23,6 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 # the seed of every validation batch's draws (offset by the batch index)
 VALIDATION_SEED = 20_240_101
 SchedulerFactory = Callable[..., Any]
-
-
-def drop_labels_to_null(labels: Tensor, p_uncond: float, null: int | float) -> Tensor:
-    """Classifier-free guidance's label dropout: each label becomes the null condition ∅ (class index `null` = K,
-    the number of classes; NaN for a continuous condition, all of a row's values at once) with probability
-    `p_uncond`, independently."""
-    if p_uncond == 0.0:
-        return labels
-    dropped = torch.rand(labels.shape[:1], device=labels.device) < p_uncond
-    dropped = dropped.reshape(-1, *([1] * (labels.dim() - 1)))
-    return torch.where(dropped, torch.full_like(labels, null), labels)
 
 
 def net_parameters(net: nn.Module) -> int:
@@ -133,8 +123,7 @@ class FlowModule(L.LightningModule):
         net: Callable[[Tensor, Tensor], Tensor] = self.net
         if labels is not None:
             if drop_labels:
-                null = getattr(self.net, "num_classes", 0) if not labels.is_floating_point() else float("nan")
-                labels = drop_labels_to_null(labels, self.p_uncond, null=null)
+                labels = drop_to_null(labels, self.p_uncond, getattr(self.net, "num_classes", 0))
             net = partial(self.net, labels=labels)
         return self.objective.loss(net, self.path, t, x0, x1, noise, weights)
 

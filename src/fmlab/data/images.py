@@ -126,6 +126,8 @@ class ImageDataModule(PairStreamDataModule):
         self.train_levels, self.test_levels = self.load()
         self.train_labels: Tensor | None = None
         self.num_classes = 0
+        self.conditions_available = ("class",) if self.labels_found is not None else ()
+        self.condition = "class" if with_labels else None
         if with_labels:
             if self.labels_found is None:
                 raise UserError(f"data={self.name} has no class labels, so conditioning=class cannot train on it")

@@ -175,6 +175,9 @@ class PairStreamDataModule(L.LightningDataModule):
     loader_workers: int = 0
     training_threads: int | None = None
     generation: Mapping[str, float] = MappingProxyType({})  # what making the training data cost (reflow's pairs)
+    # the condition its batches carry (None, "class", or a continuous one: fmlab.conditioning) and those it could
+    condition: str | None = None
+    conditions_available: tuple[str, ...] = ()
 
     def reference_images(self) -> Tensor:
         raise UserError(f"data={self.name} is point data: it has no FID reference images")

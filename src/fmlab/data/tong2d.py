@@ -198,6 +198,8 @@ class TongDataModule(PairStreamDataModule):
             labels = LABELS[target](sum(SPLIT), data_seed)
             train_labels, self.val_labels, _ = split_dataset(labels)
         self.num_classes = NUM_CLASSES[target] if with_labels else 0
+        self.condition = "class" if with_labels else None
+        self.conditions_available = ("class",) if target in LABELS and source == "gaussian" else ()
         self._stream = EpochStream(self.train_split, source_train, batch_size, seed, train_labels)
         self._validation_pairs: tuple[Tensor, ...] | None = None
         self.batches_per_epoch = self._stream.batches_per_epoch

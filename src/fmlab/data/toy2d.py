@@ -7,11 +7,11 @@ Definitions follow the papers' code so figures compare: `moons` and `8gaussians`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from fmlab.conditioning import CONTINUOUS_CONDITIONS, NEEDS_LABELS, kind_of
 from fmlab.couplings import IndependentCoupling
 from fmlab.data.streams import LabelledSampler, PairStream, PairStreamDataModule, Sampler, loader_workers
 from fmlab.errors import UserError, choices_error
@@ -143,28 +143,18 @@ def get_labelled_distribution(name: str) -> LabelledSampler:
     return LABELLED_DISTRIBUTIONS[name]
 
 
-# continuous conditions of a point (conditioning=continuous): a function of the point and its class
-CONDITIONS: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
-    "x": lambda points, labels: points[:, :1],  # C²OT's x-conditional moons: the point's first coordinate
-    "y": lambda points, labels: points[:, 1:2],
-    "class_sign": lambda points, labels: (2.0 * labels - 1.0)[:, None],  # C²OT's class condition: ±1, two classes
-}
-NEEDS_LABELS = ("class_sign",)
-
-
 def conditioned_sampler(target: str, condition: str) -> LabelledSampler:
     """The sampler of `target` that also returns each point's `condition`: its class (`class`) or a continuous
-    function of the point (`CONDITIONS`), drawn from the same generator as the plain sampler's points."""
-    if condition == "class":
+    function of the point (`fmlab.conditioning.CONTINUOUS_CONDITIONS`), drawn from the same generator as the plain
+    sampler's points."""
+    if kind_of(condition) == "class":
         return get_labelled_distribution(target)
-    if condition not in CONDITIONS:
-        raise choices_error("conditioning.condition", condition, ["class", *CONDITIONS])
     points_of = get_labelled_distribution(target) if condition in NEEDS_LABELS else None
     plain = get_distribution(target)
 
     def sample(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         points, labels = points_of(n, g) if points_of is not None else (plain(n, g), None)
-        return points, CONDITIONS[condition](points, labels)
+        return points, CONTINUOUS_CONDITIONS[condition](points, labels)
 
     return sample
 
@@ -203,6 +193,11 @@ class Toy2DDataModule(PairStreamDataModule):
         self.conditioned = conditioned_sampler(target, self.condition) if self.condition else None
         training_target = self.conditioned or self.target_sampler
         self.num_classes = NUM_CLASSES[target] if self.condition == "class" else 0
+        # what this target can attach: its class where it has classes, and each continuous condition whose
+        # number of classes (if it is computed from the class) is the target's
+        classes = NUM_CLASSES.get(target, 0)
+        continuous = [name for name in CONTINUOUS_CONDITIONS if NEEDS_LABELS.get(name, classes) == classes]
+        self.conditions_available = (*(["class"] if classes else []), *continuous)
         self.source_sampler = get_distribution(source, "data.source")
         if batch_size < 1 or batches_per_epoch < 1 or num_eval_samples < 2:
             raise UserError(

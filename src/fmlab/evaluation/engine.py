@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fmlab.conditioning import asked_conditions, class_labels
 from fmlab.data.interface import EvaluationData
 from fmlab.distributed import Ranks, chunk_sizes, gather_chunks
 from fmlab.errors import UserError, choices_error
@@ -55,36 +56,6 @@ def run_chunks(
     rows = gather_chunks(mine, sizes, ranks, like)
     per_chunk = ranks.gather(nfe).sum(0)  # each chunk's count is non-zero on its own rank only
     return rows, [int(n) for n in per_chunk.tolist()]
-
-
-LABEL_CHOICES = ("uniform", "data", "a list of class indices")
-
-
-def class_labels(labels: str | list[int] | tuple[int, ...], num_classes: int, start: int, size: int) -> Tensor:
-    """The classes asked of generated rows start .. start + size − 1: `uniform` cycles through 0..K−1 by row index
-    (every class equally often, each row's class fixed whatever the chunking or the number of processes); a list
-    cycles through its entries the same way."""
-    rows = torch.arange(start, start + size)
-    if isinstance(labels, str):
-        if labels != "uniform":
-            raise choices_error("eval.labels", labels, ("uniform", "a list of class indices"))
-        return rows % num_classes
-    chosen = torch.as_tensor(list(labels), dtype=torch.long)
-    if chosen.numel() == 0 or bool((chosen < 0).any()) or bool((chosen >= num_classes).any()):
-        raise UserError(f"eval.labels={list(labels)} must list class indices in 0..{num_classes - 1}")
-    return chosen[rows % len(chosen)]
-
-
-def asked_conditions(labels: str | list[int], field: VelocityField, datamodule: EvaluationData, num_samples: int,
-                     start: int, size: int) -> Tensor | None:  # fmt: skip
-    """What generated rows start .. start + size − 1 are conditioned on: nothing for an unconditional field; with
-    `labels="data"` the condition of the same row of the held-out set the samples are compared with (its class, or
-    its continuous condition: C²OT's protocol); else the classes `class_labels` asks."""
-    if not field.is_conditional:
-        return None
-    if labels == "data":
-        return datamodule.held_out_conditions(num_samples)[start : start + size]
-    return class_labels(labels, field.num_classes, start, size)
 
 
 def generate(

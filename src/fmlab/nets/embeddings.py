@@ -1,4 +1,4 @@
-"""Time embeddings shared by the backbones."""
+"""Time embeddings shared by the backbones (a condition's embeddings live with the condition: fmlab.conditioning)."""
 
 from __future__ import annotations
 
@@ -23,63 +23,6 @@ def sinusoidal_embedding(t: Tensor, dim: int, scale: float = 1000.0, max_period:
     if dim % 2:
         embedding = torch.nn.functional.pad(embedding, (0, 1))
     return embedding
-
-
-class ClassEmbedding(torch.nn.Embedding):
-    """A learned vector per class plus one for the null class ∅ (index `num_classes`), the "no label" input of
-    classifier-free guidance (Ho & Salimans 2022): one net is then both p(x | y) and p(x)."""
-
-    def __init__(self, num_classes: int, dim: int) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes={num_classes} must be >= 1 for a class embedding")
-        super().__init__(num_classes + 1, dim)
-        self.num_classes = num_classes
-        torch.nn.init.normal_(self.weight, std=dim**-0.5)
-
-    @property
-    def null(self) -> int:
-        return self.num_classes
-
-    def forward(self, labels: Tensor | None, batch: int | None = None) -> Tensor:  # type: ignore[override]
-        """The embedding of `labels` (a long tensor of class indices, `null` for ∅); None: ∅ for a whole batch."""
-        if labels is None:
-            labels = torch.full((batch or 1,), self.null, dtype=torch.long, device=self.weight.device)
-        return super().forward(labels)
-
-
-class ConditionEmbedding(torch.nn.Module):
-    """A continuous condition c ∈ R^k (an x-coordinate, say) as the vector W c + b, and a learned vector for the
-    null condition ∅: rows that hold NaN, or no conditions at all. Classifier-free guidance's "no condition" for
-    continuous conditions, as `ClassEmbedding`'s null class is for classes."""
-
-    def __init__(self, condition_dim: int, dim: int) -> None:
-        super().__init__()
-        if condition_dim < 1:
-            raise ValueError(f"condition_dim={condition_dim} must be >= 1 for a condition embedding")
-        self.condition_dim = condition_dim
-        self.linear = torch.nn.Linear(condition_dim, dim)
-        self.null = torch.nn.Parameter(torch.randn(dim) * dim**-0.5)
-
-    def forward(self, conditions: Tensor | None, batch: int | None = None) -> Tensor:
-        """(batch, dim): the embedding of each row's condition, ∅'s for NaN rows (and for every row without any)."""
-        if conditions is None:
-            return self.null.expand(batch or 1, -1)
-        conditions = conditions.reshape(len(conditions), -1).to(self.linear.weight.dtype)
-        missing = torch.isnan(conditions).any(1, keepdim=True)
-        embedded = self.linear(torch.nan_to_num(conditions))
-        return torch.where(missing, self.null.expand_as(embedded), embedded)
-
-
-def condition_input(num_classes: int, condition_dim: int, dim: int) -> torch.nn.Module | None:
-    """The embedding of a net's condition: a class table (`num_classes` > 0), a continuous one (`condition_dim`
-    > 0), or None for an unconditional net."""
-    if num_classes and condition_dim:
-        from fmlab.errors import UserError
-
-        raise UserError(f"net.num_classes={num_classes} and net.condition_dim={condition_dim}: a net takes one kind")
-    if num_classes:
-        return ClassEmbedding(num_classes, dim)
-    return ConditionEmbedding(condition_dim, dim) if condition_dim else None
 
 
 def check_time_inputs(time_inputs: int) -> int:

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fmlab.conditioning import condition_input
 from fmlab.errors import UserError, choices_error
-from fmlab.nets.embeddings import check_time_inputs, condition_input, duration_input
+from fmlab.nets.embeddings import check_time_inputs, duration_input
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "selu": nn.SELU,
@@ -34,6 +35,8 @@ class MLP(nn.Module):
     `duration` h of an interval (MeanFlow's u(x, t, t + h)), as t is taken: h and its Fourier pairs beside x and t;
     no duration is h = 0.
     """
+
+    condition_kinds = ("class", "continuous")  # what fmlab.conditioning.check_parts may ask of it
 
     def __init__(
         self,

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from fmlab.conditioning import condition_input
 from fmlab.errors import UserError
-from fmlab.nets.embeddings import check_time_inputs, condition_input, duration_input
+from fmlab.nets.embeddings import check_time_inputs, duration_input
 
 
 class ResidualBlock(nn.Module):
@@ -30,6 +31,8 @@ class ResidualMLP(nn.Module):
     A condition (class `num_classes`, or continuous `condition_dim`) is embedded and added beside them: C²OT's
     `ConditionalNet` projects its scalar condition with a linear map (`condition_dim=1`). `time_inputs=2` adds a
     second time, the duration h of an interval (MeanFlow's u(x, t, t + h)), projected and added the same way."""
+
+    condition_kinds = ("class", "continuous")  # what fmlab.conditioning.check_parts may ask of it
 
     def __init__(self, data_shape: Sequence[int], width: int = 128, depth: int = 3, expansion: float = 4.0,
                  num_classes: int = 0, condition_dim: int = 0, time_inputs: int = 1) -> None:  # fmt: skip

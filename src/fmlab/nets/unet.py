@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fmlab.conditioning import ClassEmbedding
 from fmlab.errors import UserError
-from fmlab.nets.embeddings import ClassEmbedding, check_time_inputs, duration_input, sinusoidal_embedding
+from fmlab.nets.embeddings import check_time_inputs, duration_input, sinusoidal_embedding
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -106,6 +107,8 @@ class UNet(nn.Module):
     residual block through e = MLP(sinusoidal(1000 t)) of 4·`channels` features; with `time_inputs=2` a second
     time, the duration h of an interval (MeanFlow's u(x, t, t + h)), adds its own MLP(sinusoidal(1000 h)).
     """
+
+    condition_kinds = ("class",)  # what fmlab.conditioning.check_parts may ask of it
 
     def __init__(
         self,
