@@ -112,6 +112,13 @@ def test_default_job_leaves_config_csv_wandb_checkpoint_png_and_metrics(tmp_path
     assert (card["devices"], card["per_device_batch_size"], card["global_batch_size"]) == (1, 256, 256)
     assert card["samples_seen"] == 120 * 256 and card["reference"]["size"] == 300
     assert card["versions"]["torch"] == torch.__version__ and card["likelihood"]["solver"] == card["solver"]
+    # every setting that changes the numbers, as it ran, and the card line once
+    settings = card["settings"]
+    assert settings["coupling"]["kind"] == "IndependentCoupling" and settings["optimizer"]["lr"] == 2e-3
+    assert settings["schedule"]["kind"] == "CondOT" and settings["time_sampler"]["kind"] == "UniformTime"
+    assert set(settings) == {"method", "path", "schedule", "objective", "time_sampler", "coupling", "conditioning",
+                             "optimizer", "scheduler"}  # fmt: skip
+    assert sum(line.startswith("fmlab: card: ") for line in output.splitlines()) == 1
 
 
 # modules of the stack's packages, and modules outside it (a user's, fmlab's, names that only share a prefix)

@@ -71,6 +71,88 @@ def config_error(key: str, node: Any, error: BaseException) -> UserError:
     return UserError(f"{key} ({target}) could not be built: {type(cause).__name__}: {text}")
 
 
+# the groups whose numbers are settings of a part (each checked finite unless its class allows infinity)
+SETTING_GROUPS = ("data", "net", "path", "schedule", "objective", "time_sampler", "coupling", "conditioning",
+                  "optimizer", "scheduler", "solver", "method", "eval")  # fmt: skip
+
+
+def allowed_infinite(node: Any) -> tuple[str, ...]:
+    """The settings of the node's target that may be infinite: its class's `infinite_settings` (e.g. C²OT's
+    `weight=inf`, a pairing within classes only, or EDM's `s_max=inf`, churn at every noise level)."""
+    from hydra.utils import get_class
+
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not isinstance(target, str):
+        return ()
+    try:
+        return tuple(getattr(get_class(target), "infinite_settings", ()))
+    except Exception:  # not a class (a function target): nothing declared
+        return ()
+
+
+def _numbers(node: Any, prefix: str) -> list[tuple[str, Any, tuple[str, ...]]]:
+    """(key, value, the settings allowed to be infinite there) for every number under `node`, resolved."""
+    from omegaconf import ListConfig
+
+    if isinstance(node, ListConfig):
+        items = [(f"{prefix}[{i}]", node._get_node(i)) for i in range(len(node))]
+        allowed: tuple[str, ...] = ()
+    elif isinstance(node, DictConfig):
+        items = [(f"{prefix}.{key}", node._get_node(key)) for key in node]
+        allowed = allowed_infinite(node)
+    else:
+        return []
+    found = []
+    for key, child in items:
+        try:
+            value = child._dereference_node()._value() if child is not None else None
+        except Exception:  # an interpolation this scan cannot resolve: the build reports it
+            continue
+        if isinstance(child, DictConfig | ListConfig) or isinstance(value, DictConfig | ListConfig):
+            found += _numbers(child if isinstance(child, DictConfig | ListConfig) else value, key)
+        elif isinstance(value, float):
+            found.append((key, value, allowed))
+    return found
+
+
+def check_finite_settings(cfg: DictConfig) -> None:
+    """Every number of a part's settings is finite (and a float32 number) unless the part declares that setting
+    may be infinite: inf, NaN or 1e300 where a finite value is meant fails here, in one line, not as a loss that is
+    NaN at step 1."""
+    largest = 3.4028234663852886e38  # float32's: the parts compute in float32, where a larger value is inf
+    for group in SETTING_GROUPS:
+        for key, value, allowed in _numbers(cfg.get(group), group):
+            name = key.rsplit(".", 1)[-1]
+            if abs(value) <= largest or (name in allowed and math.isinf(value)):
+                continue
+            infinite = f" (of its settings only {', '.join(allowed)} may be inf)" if allowed else ""
+            beyond = "" if not math.isfinite(value) else " within float32's range (|x| <= 3.4e38)"
+            raise UserError(f"{key}={value} is invalid; it must be a finite number{beyond}{infinite}")
+
+
+@contextmanager
+def checking(cfg: DictConfig, *keys: str):
+    """A check of the parts at `keys` whose own code raises (an `OverflowError` inside a validity check, say) ends
+    like any other bad setting: one `UserError` naming those parts' settings, with the cause."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is not None:
+            raise user_error from None
+        node = OmegaConf.select(cfg, keys[0])
+        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}
+        settings = ", ".join(f"{keys[0]}.{k}={v}" for k, v in values.items() if k != "_target_" and not
+                             isinstance(v, dict | list))  # fmt: skip
+        others = f" (with {', '.join(keys[1:])})" if keys[1:] else ""
+        raise UserError(
+            f"checking {settings or keys[0]}{others} failed: {type(error).__name__}: {first_detail(error)}; "
+            "choose values inside the part's range"
+        ) from None
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -78,6 +160,7 @@ def _is_number(value: Any) -> bool:
 def validate_settings(cfg: DictConfig) -> None:
     """Checks on plain values that Lightning would accept silently (max_steps = -1 trains forever, lr = 0 trains
     nothing) or report with a traceback."""
+    check_finite_settings(cfg)
     trainer = cfg.trainer
     if not trainer.get("fast_dev_run") and (not isinstance(trainer.max_steps, int) or trainer.max_steps < 1):
         raise UserError(f"trainer.max_steps={trainer.max_steps} is invalid; it must be a positive integer")
@@ -117,6 +200,20 @@ def check_override_types(defaults: DictConfig, cfg: DictConfig, args: list[str])
             raise UserError(f"{key}={value!r} is invalid; it must be true or false")
         if _is_number(default) and not isinstance(value, int | float) and value is not None:
             raise UserError(f"{key}={value!r} is invalid; it must be a number (the default is {default})")
+
+
+def chosen_option(cfg: DictConfig, group: str) -> str:
+    """The option of config group `group` this run chose (Hydra's choice; for data its target), for messages."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if group == "data" and cfg.data.get("target"):
+        return str(cfg.data.target)
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return str(choice)
+    target = str((cfg.get(group) or {}).get("_target_", "?"))
+    return target.rsplit(".", 1)[-1]
 
 
 def in_multirun() -> bool:
@@ -161,6 +258,7 @@ def build_parts(cfg: DictConfig) -> Parts:
         return _built.pop(key)
     import lightning as L
 
+    from fmlab.conditioning import Conditioning, check_parts
     from fmlab.module import FlowModule
     from fmlab.reflow import ReflowCoupling, ReflowDataModule, init_student
     from fmlab.runs import check_resume
@@ -184,17 +282,29 @@ def build_parts(cfg: DictConfig) -> Parts:
         if cfg.ckpt_path is None and coupling.init_from_teacher:
             init_student(module.net, teacher, coupling)
     else:  # the coupling runs where the batches are made (loader workers with data.num_workers)
-        datamodule.couple_with(coupling)
+        with checking(cfg, "coupling", "data"):
+            datamodule.couple_with(coupling)
+    with checking(cfg, "conditioning", "data", "net", "coupling"):
+        check_parts(
+            Conditioning.from_config(cfg.get("conditioning")), datamodule, module.net, coupling,
+            "coupling=reflow's teacher pairs" if teacher is not None else f"data={chosen_option(cfg, 'data')}",
+            f"net={chosen_option(cfg, 'net')}", f"coupling={chosen_option(cfg, 'coupling')} ({coupling!r})",
+        )  # fmt: skip
     solver = instantiated(cfg, "solver")
     try:
-        solver.check_path(module.path)  # e.g. the ancestral sampler on the OT path
+        with checking(cfg, "solver", "path", "schedule"):
+            solver.check_path(module.path)  # e.g. the ancestral sampler on the OT path
     except UserError as refusal:
         raise UserError(f"solver={solver.method}: {refusal}") from None
     if getattr(solver, "needs_durations", False) and getattr(module.net, "time_inputs", 1) != 2:
         raise UserError(f"solver={solver.method} jumps with an average velocity: it needs method=meanflow")
     evaluator = instantiated(cfg, "eval", **reused(cfg.eval, {"${solver}": solver}))
-    evaluator.check_field(module.velocity_field(), datamodule)
-    check_time_sampler(module)
+    with checking(cfg, "eval", "data"):
+        evaluator.check_field(module.velocity_field(), datamodule)
+    with checking(cfg, "time_sampler", "path", "schedule", "objective"):
+        check_time_sampler(module)
+    with checking(cfg, "objective", "path", "schedule", "time_sampler"):
+        check_first_loss(module, datamodule)
     return Parts(datamodule, module, coupling, solver, evaluator, resume_step, teacher)
 
 
@@ -216,6 +326,35 @@ def check_time_sampler(module: Any) -> None:
     if meanflow and getattr(module.net, "time_inputs", 1) != 2:
         raise UserError(f"objective=mean_flow needs a net with two time inputs: net.time_inputs="
                         f"{getattr(module.net, 'time_inputs', 1)}; use method=meanflow")  # fmt: skip
+
+
+def check_first_loss(module: Any, datamodule: Any, rows: int = 16) -> None:
+    """The loss of the initial net on `rows` held-out pairs (x0 from the evaluation source, x1 from the held-out
+    data, conditions as the net reads them), computed as training computes it but before any step: a setting that
+    makes it non-finite or exactly 0 (a loss that learns nothing: a weight of 0 for every draw) fails here, in one
+    line, not as a normal-looking run. The run's random streams are left as they were."""
+    from fmlab.conditioning import net_kind
+
+    if not (hasattr(datamodule, "held_out") and hasattr(datamodule, "eval_source")):
+        return  # the training-health callback checks the first steps instead
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        x1, x0 = datamodule.held_out(rows), datamodule.eval_source(rows)
+        kind = net_kind(module.net)
+        labels = None
+        if kind == "class":
+            labels = torch.arange(rows) % module.net.num_classes
+        elif kind == "continuous" and hasattr(datamodule, "held_out_conditions"):
+            labels = datamodule.held_out_conditions(rows).to(x1.dtype)
+        loss = float(module._loss(x0.to(x1.dtype), x1, labels).detach())
+    if not math.isfinite(loss) or loss == 0.0:
+        cause = "learns nothing" if loss == 0.0 else "cannot train"
+        raise UserError(
+            f"the training loss of the initial net on {rows} held-out pairs is {loss}, before any step: the run "
+            f"{cause}; check {loss_settings(module)}"
+        )
 
 
 def check_optimizer(module: Any) -> None:
@@ -315,7 +454,7 @@ def build_training(cfg: DictConfig, parts: Parts | None = None) -> TrainingRun:
         StepSeed(cfg.seed),
         TrainingClock(),
         CheckpointOnSigterm(),
-        StopOnNonFiniteLoss(),
+        StopOnNonFiniteLoss(loss_settings(parts.module)),
     ]
     run_id = wandb_run_id(cfg)
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
@@ -326,6 +465,11 @@ def build_training(cfg: DictConfig, parts: Parts | None = None) -> TrainingRun:
     trainer = instantiated(cfg, "trainer", callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     evaluation = next((c for c in callbacks if isinstance(c, PeriodicEvaluation)), None)
     return TrainingRun(cfg, parts, Path(cfg.paths.output_dir), callbacks, loggers, trainer, evaluation)
+
+
+def loss_settings(module: Any) -> str:
+    """The parts that make the training loss, as a message names them."""
+    return f"objective={module.objective!r}, path={module.path!r}, time_sampler={module.time_sampler!r}"
 
 
 @contextmanager

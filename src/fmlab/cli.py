@@ -147,6 +147,7 @@ def run_entry_point(
     @exit_on_user_error
     def checked() -> None:
         args = sys.argv[1:]
+        quiet_stack_deprecations()  # the checks run parts too (the first loss: MeanFlow's JVP warns inside torch)
         flags = [a for a in args if a.startswith("-")]
         if config_name is not None and set(flags) <= {"-m", "--multirun"}:
             if is_single_run(args):

@@ -80,6 +80,8 @@ class MinibatchOTCoupling:
             raise UserError(f"coupling.reg={reg} must be > 0 for sinkhorn")
         self.method, self.reg, self.draw_from_plan = method, float(reg), bool(draw_from_plan)
         self.per_class = bool(per_class)
+        # the condition kinds a pairing by condition uses (fmlab.conditioning.check_parts): classes for per_class
+        self.condition_kinds: tuple[str, ...] = ("class",) if self.per_class else ()
 
     @property
     def solves_per_batch(self) -> bool:
@@ -195,6 +197,18 @@ def search_condition_weight(
     return middle
 
 
+def check_search_settings(initial_weight: float, max_iterations: int, ratio_tolerance: float) -> None:
+    """The weight search's own settings (`search_condition_weight`): a finite positive first guess for w to double
+    from, a whole number of steps of each search, and a tolerance on the ratio r inside (0, 1)."""
+    number = isinstance(initial_weight, int | float) and not isinstance(initial_weight, bool)
+    if not number or not 0 < initial_weight < math.inf:
+        raise UserError(f"coupling.initial_weight={initial_weight!r} must be a finite number > 0 (w doubles from it)")
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+        raise UserError(f"coupling.max_iterations={max_iterations!r} must be a whole number >= 1")
+    if isinstance(ratio_tolerance, bool) or not isinstance(ratio_tolerance, int | float) or not 0 < ratio_tolerance < 1:
+        raise UserError(f"coupling.ratio_tolerance={ratio_tolerance!r} must lie in (0, 1)")
+
+
 class ConditionAwareOTCoupling(MinibatchOTCoupling):
     """C²OT (Cheng & Schwing 2025, "Condition-aware OT", c2ot/ot.py): exact minibatch OT on the cost
 
@@ -209,6 +223,8 @@ class ConditionAwareOTCoupling(MinibatchOTCoupling):
     where r lands inside its tolerance). Class labels with an infinite weight (`weight=inf`) never pair across
     classes: that is OT within each class, solved so (`per_class`), whatever the batch's class counts.
     """
+
+    infinite_settings = ("weight",)  # w = inf: pair within classes only (the cosine cost of class conditions)
 
     def __init__(self, weight: float | None = None, target_ratio: float | None = None,
                  condition_cost: str = "cosine", initial_weight: float = 100.0, max_iterations: int = 10,
@@ -228,7 +244,9 @@ class ConditionAwareOTCoupling(MinibatchOTCoupling):
             raise UserError(f"coupling.weight={weight} must be >= 0 (inf: never across classes)")
         if target_ratio is not None and not 0 < target_ratio < 1:
             raise UserError(f"coupling.target_ratio={target_ratio} must lie in (0, 1)")
+        check_search_settings(initial_weight, max_iterations, ratio_tolerance)
         super().__init__("exact", per_class=weight is not None and math.isinf(weight))
+        self.condition_kinds = ("class",) if self.per_class else ("class", "continuous")
         self.weight, self.target_ratio, self.condition_cost = weight, target_ratio, condition_cost
         self.initial_weight, self.max_iterations, self.ratio_tolerance = initial_weight, max_iterations, ratio_tolerance
 

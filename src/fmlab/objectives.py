@@ -8,6 +8,7 @@ method samples and evaluates likelihoods through the same ODE code.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from fmlab.conditioning import null_condition
 from fmlab.errors import SolverError, UserError
 from fmlab.paths.path import AffinePath
 
@@ -188,6 +190,13 @@ class MeanFlowObjective(Objective):
     def __init__(self, p: float = 1.0, eps: float = 1e-3) -> None:
         if not p >= 0 or not eps > 0:
             raise UserError(f"objective.p={p} must be >= 0 and objective.eps={eps} > 0")
+        # the weight's extreme, eps^-p at a zero residual, must be a float32 number: beyond it the loss is inf at
+        # small residuals and underflows to 0 at large ones (a loss that learns nothing)
+        if not p * abs(math.log(eps)) <= math.log(torch.finfo(torch.float32).max):
+            raise UserError(
+                f"objective.p={p} with objective.eps={eps} puts the loss weight 1/(|delta|^2 + eps)^p beyond float32 "
+                f"(eps^-p); keep p * |ln eps| <= {math.log(torch.finfo(torch.float32).max):.0f} (the paper's p: 0 to 2)"
+            )
         self.p, self.eps = float(p), float(eps)
 
     def residual(self, net: Net, path: AffinePath, t: Tensor, x0: Tensor, x1: Tensor,
@@ -258,8 +267,8 @@ class VelocityField(nn.Module):
         return bool(self.num_classes or self.condition_dim)
 
     def null_conditions(self, labels: Tensor) -> Tensor:
-        """∅ for every row of `labels`: the null class K, or NaN conditions."""
-        return torch.full_like(labels, self.num_classes if self.num_classes else float("nan"))
+        """∅ for every row of `labels` (`fmlab.conditioning.null_condition`)."""
+        return null_condition(labels, self.num_classes)
 
     @property
     def device(self) -> torch.device:

@@ -190,9 +190,41 @@ class SweepSummary(Callback):
             print(f"fmlab: sweep summary: {target}")
 
 
+# the groups whose settings change a run's numbers: each is in the card as it ran
+CARD_SETTINGS = ("method", "path", "schedule", "objective", "time_sampler", "coupling", "conditioning", "optimizer",
+                 "scheduler")  # fmt: skip
+
+
+def _as_ran(value: Any) -> Any:
+    """A settings node as plain values, its `_target_` as the class name (`kind`), Hydra's `_partial_` left out."""
+    if isinstance(value, dict):
+        named = {"kind": str(value["_target_"]).rsplit(".", 1)[-1]} if "_target_" in value else {}
+        return named | {k: _as_ran(v) for k, v in value.items() if k not in ("_target_", "_partial_")}
+    if isinstance(value, list):
+        return [_as_ran(v) for v in value]
+    return value
+
+
+def part_settings(cfg: Any) -> dict[str, Any]:
+    """Every setting that changes the numbers of a run (`CARD_SETTINGS`), resolved: path and schedule,
+    objective, time sampler, the coupling with all its solver settings, conditioning, optimiser and schedule."""
+    from omegaconf import OmegaConf
+
+    config = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
+    settings = {}
+    for group in CARD_SETTINGS:
+        node = config.get(group)
+        try:
+            value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        except Exception:  # an interpolation only the run could resolve: the settings as written
+            value = OmegaConf.to_container(node, resolve=False)
+        settings[group] = _as_ran(value)
+    return settings
+
+
 def training_card(cfg: Any, steps: int, world_size: int | str, ema_decay: float | None) -> dict[str, Any]:
     """The training half of a result card, from a run's config: precision, EMA, devices × per-device batch =
-    global batch, steps and samples seen, seeds, versions."""
+    global batch, steps and samples seen, seeds, versions, and every number-changing setting (`part_settings`)."""
     import lightning
     import torch
 
@@ -216,6 +248,7 @@ def training_card(cfg: Any, steps: int, world_size: int | str, ema_decay: float 
         "samples_seen": steps * global_batch if global_batch is not None else None,
         "seed": cfg.seed,
         "versions": {"fmlab": __version__, "torch": torch.__version__, "lightning": lightning.__version__},
+        "settings": part_settings(cfg),
     }
 
 

@@ -252,7 +252,19 @@ def resume_arguments(args: list[str], runs_dir: Path = Path("outputs/train/runs"
     keep = [o for o in original if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
     given = [a for a in args if not a.startswith("ckpt_path=")]
     print(f"fmlab: resuming {run_dir} from {checkpoint.resolve().name}", flush=True)
-    return [*keep, *given, f"ckpt_path={checkpoint.resolve()}", f"hydra.run.dir={run_dir}"]
+    return [*merged_overrides(keep, given), f"ckpt_path={checkpoint.resolve()}", f"hydra.run.dir={run_dir}"]
+
+
+def merged_overrides(saved: list[str], given: list[str]) -> list[str]:
+    """The run's own overrides with the given ones over them: one entry per key (a given value replaces the saved
+    one in its place), so a run resumed N times lists each setting once."""
+    merged: dict[str, str] = {}
+    for override in [*saved, *given]:
+        key = override.split("=", 1)[0].lstrip("+~") if "=" in override else override
+        if merged.get(key, "").startswith("+") and not override.startswith(("+", "~")):
+            override = f"+{override}"  # a key the run added stays added
+        merged[key] = override
+    return list(merged.values())
 
 
 # what a resumed run cannot change: the run's model, its training data and its optimiser and schedule, whose states

@@ -146,22 +146,49 @@ def sigint_as_sigterm():
 
 class StopOnNonFiniteLoss(L.Callback):
     """Stops training with one line when the loss is NaN or infinite, naming the step and the last good
-    checkpoint (kept: on the CPU the check runs every step, before anything is saved after it)."""
+    checkpoint (kept: on the CPU the check runs every step, before anything is saved after it), or when it is
+    exactly 0 for each of the first `zero_steps` steps (a loss that learns nothing: a weight of 0 for every draw).
+    A loss that is not finite at the first step of a run was computed before any update, so the message names the
+    settings that make the loss (`settings`), not the learning rate."""
+
+    def __init__(self, settings: str = "", zero_steps: int = 3) -> None:
+        self.settings, self.zero_steps = settings, zero_steps
+        self._first_step: int | None = None
+        self._zeros = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step, self._zeros = trainer.global_step, 0  # a resumed run starts at its checkpoint's step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        # on accelerators the check waits for the device: do it only on logging steps there
-        if loss.device.type != "cpu" and trainer.global_step % max(trainer.log_every_n_steps, 1):
+        first = self._first_step if self._first_step is not None else 0
+        steps_run = trainer.global_step - first
+        # on accelerators the check waits for the device: do it only on logging steps there (and the first ones)
+        early = steps_run <= self.zero_steps
+        if not early and loss.device.type != "cpu" and trainer.global_step % max(trainer.log_every_n_steps, 1):
             return
-        if math.isfinite(loss.item()):  # the loss is a scalar; .item() is ~30x cheaper than isfinite().all()
+        value = loss.item()  # the loss is a scalar; .item() is ~30x cheaper than isfinite().all()
+        if early:
+            self._zeros = self._zeros + 1 if value == 0.0 else -(10**9)
+            if self._zeros == self.zero_steps:
+                raise UserError(
+                    f"the training loss is exactly 0 at each of steps {first + 1}-{trainer.global_step}: the model "
+                    f"learns nothing (a loss weight of 0 for every draw?); check {self.settings or 'the settings'}"
+                )
+        if math.isfinite(value):
             return
+        if steps_run <= 1:  # computed with the weights the run started from: no update has happened yet
+            raise UserError(
+                f"the training loss is {value} at step {trainer.global_step}, before any update (so not the "
+                f"learning rate): the settings make the loss itself non-finite; check {self.settings or 'them'}"
+            )
         checkpoint = trainer.checkpoint_callback
         last = Path(checkpoint.dirpath) / "last.ckpt" if checkpoint is not None and checkpoint.dirpath else None
         kept = f"last good checkpoint: {last.resolve()}" if last is not None and last.exists() else "no checkpoint yet"
         raise UserError(
-            f"the training loss became {loss.item()} at step {trainer.global_step}; {kept} "
+            f"the training loss became {value} at step {trainer.global_step}; {kept} "
             "(lower optimizer.lr, or check the data and schedule)"
         )
 

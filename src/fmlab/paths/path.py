@@ -31,6 +31,9 @@ def broadcast_time(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+# the shortest [t_min, t_max] a path accepts: float32 times near 1 are 6e-8 apart
+MIN_TIME_INTERVAL = 1e-5
+
 class AffinePath:
     """x_t = α_t x1 + σ_t x0 (+ s_t ε), the conditional Gaussian path N(α_t x1, σ_t² I) of seed 001 eq. (6).
 
@@ -50,9 +53,11 @@ class AffinePath:
             raise choices_error("path.smoothing", smoothing, SMOOTHING_KINDS)
         if smoothing != "none" and smoothing_sigma <= 0:
             raise UserError(f"path.smoothing_sigma={smoothing_sigma} must be > 0 with smoothing={smoothing!r}")
-        if not 0.0 <= t_min < schedule.t_max <= 1.0:
+        # the times are float32 tensors (6e-8 apart near 1): an interval of a few ulps leaves a solver no step
+        if not (0.0 <= t_min < schedule.t_max <= 1.0 and schedule.t_max - t_min >= MIN_TIME_INTERVAL):
             raise UserError(
-                f"path.t_min={t_min} with schedule t_max={schedule.t_max} is invalid; need 0 <= t_min < t_max <= 1"
+                f"path.t_min={t_min} with schedule t_max={schedule.t_max} is invalid; need 0 <= t_min < t_max <= 1 "
+                f"and t_max - t_min >= {MIN_TIME_INTERVAL:g} (float32 times)"
             )
         if not 0.0 <= bridge_margin < 0.5:
             raise UserError(f"path.bridge_margin={bridge_margin} is invalid; it must satisfy 0 <= bridge_margin < 0.5")

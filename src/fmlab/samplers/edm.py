@@ -28,6 +28,8 @@ class EDMHeun:
 
     is_adaptive = False
 
+    infinite_settings = ("s_max",)  # churn up to every noise level (Karras et al.'s default)
+
     def __init__(
         self,
         num_steps: int = 18,

@@ -65,6 +65,11 @@ class ODESolver:
             raise UserError(f"solver.atol={atol} and solver.rtol={rtol} must be > 0 for method {method}")
         if isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1:
             raise UserError(f"solver.max_nfe={max_nfe!r} is invalid; it must be a positive integer")
+        if method in FIXED_STEP_METHODS and STAGES[method] * num_steps > max_nfe:
+            raise UserError(
+                f"solver.num_steps={num_steps} takes {STAGES[method] * num_steps} field calls with {method}, over "
+                f"solver.max_nfe={max_nfe}; raise solver.max_nfe to allow that many"
+            )
         self.method, self.atol, self.rtol, self.num_steps = method, float(atol), float(rtol), int(num_steps)
         self.max_nfe = max_nfe
 
