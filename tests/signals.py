@@ -14,13 +14,14 @@ class SignalAt(L.Callback):
     """Send `signal_name` to this process after training step `step` ("batch_end"), or at the end of the epoch that
     ends at `step` ("epoch_end", after the step's hooks: what a kill during the epoch-end checkpoint looks like)."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM", when: str = "batch_end") -> None:
+    def __init__(self, step: int | list[int], signal_name: str = "SIGTERM", when: str = "batch_end") -> None:
         if when not in ("batch_end", "epoch_end"):
             raise ValueError(f"when={when!r}: expected batch_end or epoch_end")
-        self.step, self.signal, self.when = step, getattr(signal, signal_name), when
+        self.steps = {int(s) for s in (step if isinstance(step, list | tuple) or hasattr(step, "__iter__") else [step])}
+        self.signal, self.when = getattr(signal, signal_name), when
 
     def _maybe_send(self, trainer: L.Trainer, when: str) -> None:
-        if when == self.when and trainer.global_step == self.step:
+        if when == self.when and trainer.global_step in self.steps:
             os.kill(os.getpid(), self.signal)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 from fmlab.errors import UserError
 from fmlab.runs import load_run
-from tests.conftest import REPO_ROOT, run_cli, start_cli
+from tests.conftest import REPO_ROOT, cli_env, run_cli, start_cli
 from tests.wandb_files import read_run, run_files
 
 # 3 epochs of 200 steps; checkpoints at every epoch end
@@ -87,6 +88,48 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_like_an_unbroken_on
     assert sum(len(run.values("eval/w2")) for run in logged) == 1
     # the CSV history before the kill stays, and the resumed part continues it: the unbroken run's rows, once each
     assert loss_rows(run_dir) == loss_rows(unbroken)
+
+
+def slurm_env(tmp_path: Path, restarts: int) -> dict[str, str]:
+    """A SLURM batch job's environment as SLURM sets it (restarts: SLURM_RESTART_COUNT after a requeue), with a
+    fake `scontrol` first on PATH that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "fmlab", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NNODES": "1", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    if restarts:
+        slurm["SLURM_RESTART_COUNT"] = str(restarts)
+    return cli_env(**slurm, PATH=f"{bin_dir}:{os.environ['PATH']}", SCONTROL_LOG=str(tmp_path / "scontrol.log"))
+
+
+def test_a_slurm_job_warned_by_sigusr1_checkpoints_is_requeued_once_and_resumes_by_itself(
+    unbroken, tmp_path: Path
+) -> None:
+    """SIGUSR1 (sbatch --signal=USR1@<s>) at steps 250 and 450: each time the step is saved, `scontrol requeue 4242`
+    is called exactly once (fmlab's, with Lightning's auto-requeue off), and the requeued job, started with the
+    same command, finds its run dir by the job id and resumes; it ends like the unbroken run, one W&B run."""
+    signal_at = "{_target_: tests.signals.SignalAt, step: [250, 450], signal_name: SIGUSR1}"
+    command = [*RUN, "logger=many", f"paths.log_dir={tmp_path / 'outputs'}", f"+callbacks.signal={signal_at}"]
+    log = tmp_path / "scontrol.log"
+    for restarts, step in enumerate((250, 450)):
+        stopped = run_cli("fmlab.train", *command, cwd=REPO_ROOT, env=slurm_env(tmp_path, restarts))
+        assert stopped.returncode == 143, stopped.stderr[-3000:]
+        assert log.read_text().splitlines() == ["requeue 4242"] * (restarts + 1)
+        (run_dir,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+        assert run_dir.name.startswith("slurm4242_") and (run_dir / "checkpoints" / "last.ckpt").resolve().name == (
+            f"step{step:07d}.ckpt")  # fmt: skip
+        assert ("was requeued: resuming" in stopped.stdout) == (restarts > 0)
+    finished = run_cli("fmlab.train", *command, cwd=REPO_ROOT, env=slurm_env(tmp_path, 2))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert len(log.read_text().splitlines()) == 2 and f"resuming its run dir {run_dir}" in finished.stdout
+    ours, reference = metrics_of(run_dir), metrics_of(unbroken)
+    for key in ("w2", "mmd", "nll", "nfe", "train_loss"):
+        assert ours[key] == pytest.approx(reference[key], rel=1e-9, abs=1e-12), key
+    assert len({read_run(f).run["id"] for f in run_files(run_dir)}) == 1  # the same W&B run, continued
+    assert loss_rows(run_dir) == loss_rows(unbroken)  # one CSV log, each row once
 
 
 # OT-CFM with pairs drawn from the plan: the coupling's random draws run in the loader workers
@@ -203,3 +246,30 @@ def test_a_diverging_run_stops_in_one_line_naming_the_step(tmp_path: Path) -> No
     assert re.match(r"fmlab: error: the training loss became (nan|-?inf) at step \d+;", line), line
     assert "Traceback" not in result.stderr and "no checkpoint yet" in line
     assert not (tmp_path / "metrics.json").exists() and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_requeued_slurm_job_and_only_a_requeued_batch_job_resumes_its_run_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multirun job that submitit requeued resumes its own job dir; a first start, an salloc shell (job name
+    bash) or a process outside SLURM starts afresh."""
+    from fmlab.runs import requeued_checkpoint, run_stamp, slurm_resume_arguments
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step0000100.ckpt").write_bytes(b"x")
+    (tmp_path / "checkpoints" / "last.ckpt").symlink_to("step0000100.ckpt")
+    for name in ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_RESTART_COUNT", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert requeued_checkpoint(tmp_path) is None and not run_stamp().startswith("slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert requeued_checkpoint(tmp_path) is None and run_stamp() == "slurm9"  # the first start
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeued_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step0000100.ckpt"
+    assert slurm_resume_arguments([f"hydra.run.dir={tmp_path}"])[-1] == f"ckpt_path={tmp_path}"
+    assert slurm_resume_arguments(["-m", f"hydra.run.dir={tmp_path}"]) == ["-m", f"hydra.run.dir={tmp_path}"]
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "8")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert run_stamp() == "slurm8_3"  # an array task: its own dir, the id scontrol requeues
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")
+    assert requeued_checkpoint(tmp_path) is None and not run_stamp().startswith("slurm")

@@ -462,7 +462,12 @@ def build_training(cfg: DictConfig, parts: Parts | None = None) -> TrainingRun:
         with open_dict(wandb_cfg):
             wandb_cfg.id, wandb_cfg.resume = run_id, "allow"
     loggers = instantiate_each(cfg, "logger")
-    trainer = instantiated(cfg, "trainer", callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():  # ranks from SLURM's variables; the requeue is fmlab's (CheckpointOnSigterm), once
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = instantiated(cfg, "trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins)
     evaluation = next((c for c in callbacks if isinstance(c, PeriodicEvaluation)), None)
     return TrainingRun(cfg, parts, Path(cfg.paths.output_dir), callbacks, loggers, trainer, evaluation)
 

@@ -21,6 +21,17 @@ from fmlab.errors import UserError
 # the configs travel with the package: conf/ at the repository's top level is the package resource fmlab.conf
 CONFIG_MODULE = "fmlab.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+
+
+def _run_stamp() -> str:
+    from fmlab.runs import run_stamp
+
+    return run_stamp()
+
+
+# a new run dir's first name part: the start time, or the SLURM job (conf/hydra/default.yaml); one per process
+if not OmegaConf.has_resolver("fmlab_run_stamp"):
+    OmegaConf.register_new_resolver("fmlab_run_stamp", _run_stamp, use_cache=True)
 CONFIG_DIR = Path(str(importlib.resources.files(CONFIG_MODULE)))
 
 
@@ -148,6 +159,7 @@ def run_entry_point(
     def checked() -> None:
         args = sys.argv[1:]
         quiet_stack_deprecations()  # the checks run parts too (the first loss: MeanFlow's JVP warns inside torch)
+        args = sys.argv[1:] = [*args, *rank_arguments(args)]
         flags = [a for a in args if a.startswith("-")]
         if config_name is not None and set(flags) <= {"-m", "--multirun"}:
             if is_single_run(args):
@@ -159,6 +171,19 @@ def run_entry_point(
         hydra_main()
 
     checked()
+
+
+def rank_arguments(args: list[str]) -> list[str]:
+    """In a process that is not the launching one (a second node's command, a rank Lightning or srun started),
+    Hydra writes nothing into the shared run dir: no .hydra/ copy of the config and no job log file (rank 0 writes
+    both), as Lightning's own launcher asks of the ranks it starts."""
+    from fmlab.runs import is_launching_process
+
+    if is_launching_process():
+        return []
+    given = {a.split("=", 1)[0].lstrip("+~") for a in args}
+    extra = {"hydra.output_subdir": "hydra.output_subdir=null", "hydra/job_logging": "hydra/job_logging=stdout"}
+    return [value for key, value in extra.items() if key not in given]
 
 
 # Lightning's tips advertise services; torch's deprecations inside Lightning are not the user's to fix

@@ -55,6 +55,21 @@ class Ranks:
         return bool(self.gather(torch.tensor([float(flag)], device=device)).min() > 0)
 
 
+# what torch's collectives say when a peer process is gone (gloo's TCP pair, NCCL's watchdog, the TCP store)
+LOST_PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+                      "Broken pipe", "NCCL communicator was aborted", "failed to recv, got 0 bytes")  # fmt: skip
+
+
+def lost_rank_message(error: BaseException, rank: int, world_size: int) -> str | None:
+    """One line for a collective that failed because another rank's process ended (SIGKILL, out of memory, a lost
+    node), naming the lost rank where it is the only other one; None for any other error."""
+    matched = [message for message in LOST_PEER_MESSAGES if message in str(error)]
+    if world_size < 2 or not matched:
+        return None
+    lost = f"rank {1 - rank}" if world_size == 2 else f"a rank other than {rank} (of {world_size})"
+    return f"{lost} of this {world_size}-process run ended ({matched[0].lower()}); rank {rank} stops too"
+
+
 def end_process_group() -> None:
     """Wait for every rank, then destroy the process group, before the entry point returns. Left to exit-time
     clean-up, a rank that leaves while its peer still writes metrics.json can abort that peer after the file is

@@ -240,6 +240,7 @@ def training_card(cfg: Any, steps: int, world_size: int | str, ema_decay: float 
         "matmul_precision": performance.get("matmul_precision", "highest"),
         "compiled": bool(performance.get("compile", False)),
         "ema": {"decay": ema_decay} if ema_decay is not None else "none",
+        "nodes": int(trainer.get("num_nodes", 1) or 1),
         "devices": world_size,
         "per_device_batch_size": per_device,
         "accumulate_grad_batches": accumulate,
@@ -310,7 +311,9 @@ def card_line(card: dict[str, Any]) -> str:
     settings = ", ".join(f"{k} {v}" for k, v in solver.items() if k != "method")
     parts = [f"{solver.get('method', '?')} ({settings})" if solver else None]
     if "global_batch_size" in card:
-        parts.append(f"{card['devices']}×{card['per_device_batch_size']} = {card['global_batch_size']} batch, "
+        nodes, devices = card.get("nodes", 1), card["devices"]
+        layout = f"{nodes} nodes × {devices // nodes}" if nodes > 1 and isinstance(devices, int) else f"{devices}"
+        parts.append(f"{layout}×{card['per_device_batch_size']} = {card['global_batch_size']} batch, "
                      f"{card['training_steps']} steps")  # fmt: skip
     if "ema" in card:
         ema = card["ema"]

@@ -128,9 +128,66 @@ os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def is_launching_process() -> bool:
-    """False in the extra ranks of a multi-process run (started by Lightning, torchrun or srun): they share the
-    launching process's run dir and must not take its lock."""
-    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
+    """False in the extra ranks of a multi-process run (started by Lightning, torchrun, srun, or a cluster
+    launcher that starts one command per node with NODE_RANK): they share the launching process's run dir and
+    must not take its lock or write into it."""
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
+
+
+def slurm_job_identity() -> str | None:
+    """The SLURM job this process runs in, as `scontrol requeue` names it: `<array job>_<task>` for an array
+    task, else the job id; None outside SLURM. A requeued job keeps it."""
+    if os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):  # an salloc shell, as Lightning reads it
+        return None
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def run_stamp() -> str:
+    """The first part of a new run dir's name: `slurm<job>` inside a SLURM job (so the requeued job finds the dir
+    its first start made, `slurm_resume_arguments`), else the start time."""
+    import datetime
+
+    job = slurm_job_identity()
+    return f"slurm{job}" if job else datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def slurm_requeued() -> bool:
+    """This process runs in a SLURM job that was requeued (SLURM sets SLURM_RESTART_COUNT from the first requeue)."""
+    return slurm_job_identity() is not None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def requeued_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a requeued SLURM job resumes from in its own run dir (a multirun job's dir, which submitit
+    keeps across a requeue), if it has one."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last.resolve() if slurm_requeued() and last.exists() else None
+
+
+def slurm_resume_arguments(args: list[str], runs_dir: Path = Path("outputs/train/runs")) -> list[str]:
+    """A SLURM job that was requeued (SLURM_RESTART_COUNT > 0) resumes by itself: with no `ckpt_path` given, the
+    run dir this job made on its first start (`hydra.run.dir` if given, else the one dir `slurm<job>_*` under
+    `runs_dir`) is resumed when it has a last.ckpt. Outside SLURM, in a multirun (submitit reruns its job dirs
+    itself) or with a checkpoint given: the arguments as they are."""
+    job = slurm_job_identity()
+    if not slurm_requeued() or any(a.startswith("ckpt_path=") for a in args) or {"-m", "--multirun"} & set(args):
+        return args
+    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    log_dirs = [a.split("=", 1)[1] for a in args if a.startswith("paths.log_dir=")]
+    if log_dirs:
+        runs_dir = Path(log_dirs[-1]) / "train" / "runs"
+    candidates = [Path(given[-1])] if given else sorted(runs_dir.glob(f"slurm{job}_*"))
+    resumable = [d for d in candidates if (d / "checkpoints" / "last.ckpt").exists()]
+    if len(resumable) != 1:
+        return args
+    print(f"fmlab: SLURM job {job} was requeued: resuming its run dir {resumable[0]}", flush=True)
+    return [*args, f"ckpt_path={resumable[0]}"]
+
+
+# the environment that names a process's rank: Lightning's and torchrun's (local, global, node) and SLURM's
+RANK_VARIABLES = ("LOCAL_RANK", "RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
 
 # classes that moved since a checkpoint was written: its stored config builds them from their new homes

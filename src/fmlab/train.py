@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmlab.build import TrainingRun, build_parts, build_training, in_multirun, preflight
 from fmlab.cli import CONFIG_PATH, quiet_third_party_output, run_entry_point, what_was_run
 from fmlab.distributed import SIGTERM_EXIT_STATUS, on_signals
 from fmlab.errors import exit_on_user_error
-from fmlab.runs import check_new_run_dir, is_launching_process, lock_run_dir, optimized_value, write_metrics
+from fmlab.runs import (
+    check_new_run_dir,
+    is_launching_process,
+    lock_run_dir,
+    optimized_value,
+    requeued_checkpoint,
+    slurm_job_identity,
+    write_metrics,
+)
 
 
 def exit_on_sigterm(message: str):
@@ -53,6 +62,20 @@ def fit_and_evaluate(run: TrainingRun) -> dict[str, Any]:
     return {**evaluation, **chosen}
 
 
+def lost_rank_error(run: TrainingRun, failure: RuntimeError) -> BaseException:
+    """A collective that failed because another rank died ends in one line naming it, the checkpoint kept and how
+    to resume; any other error as it was."""
+    from fmlab.distributed import lost_rank_message
+    from fmlab.errors import UserError
+
+    message = lost_rank_message(failure, run.trainer.global_rank, run.trainer.world_size)
+    if message is None:
+        return failure
+    last = run.output_dir / "checkpoints" / "last.ckpt"
+    kept = f"the newest checkpoint {last.resolve().name} is kept" if last.exists() else "no checkpoint yet"
+    return UserError(f"{message}; {kept}: resume with ckpt_path={run.output_dir}")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one model as `cfg` says and return its metrics (also written to <output_dir>/metrics.json).
 
@@ -67,6 +90,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from fmlab.results import run_metrics, summary_lines
     from fmlab.samplers import SolverError
 
+    resumed = requeued_checkpoint(Path(cfg.paths.output_dir)) if cfg.get("ckpt_path") is None else None
+    if resumed is not None:  # a multirun job submitit requeued: its own job dir, resumed in place
+        print(f"fmlab: SLURM job {slurm_job_identity()} was requeued: resuming from {resumed}", flush=True)
+        with open_dict(cfg):
+            cfg.ckpt_path = str(resumed)
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings", True):
         quiet_third_party_output()
@@ -85,6 +113,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         try:
             evaluation = fit_and_evaluate(run)
+        except RuntimeError as failure:
+            raise lost_rank_error(run, failure) from None
         except SolverError as failure:
             metrics = run_metrics(run, {"eval_error": str(failure), "diverged": True}, started)
             if run.trainer.is_global_zero:
@@ -126,9 +156,9 @@ def main() -> None:
     import sys
 
     if "LOCAL_RANK" not in os.environ:  # DDP ranks > 0 are started with the resolved arguments already
-        from fmlab.runs import resume_arguments
+        from fmlab.runs import resume_arguments, slurm_resume_arguments
 
-        sys.argv[1:] = exit_on_user_error(resume_arguments)(sys.argv[1:])
+        sys.argv[1:] = exit_on_user_error(resume_arguments)(slurm_resume_arguments(sys.argv[1:]))
     run_entry_point(hydra_main, "train", preflight)
 
 

@@ -64,12 +64,67 @@ class CheckpointOnSigterm(L.Callback):
     hangs gloo here, so a DDP run resumes from its last epoch checkpoint. (No per-step collective of our own.)
     """
 
+    # the scheduler's warnings before a SLURM job is stopped: sbatch --signal=USR1@<s> (Lightning's convention) and
+    # submitit's USR2; fmlab's handler replaces submitit's while training runs, and Lightning's auto-requeue is off
+    # (fmlab.build), so one owner checkpoints and requeues, once
+    REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.requeue_asked: int | None = None
+        self.requeued = False
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from fmlab.runs import slurm_job_identity
+
+        if slurm_job_identity() is None or self._previous:
+            return
+        for signum in self.REQUEUE_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._note_requeue)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _note_requeue(self, signum: int, frame: Any) -> None:
+        self.requeue_asked = signum  # acted on after the step in progress, as SIGTERM
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.requeue_asked is not None:
+            if trainer.world_size == 1:
+                self._flush_step_logs(trainer)
+                self._save(trainer, signal.Signals(self.requeue_asked).name)
+            if trainer.is_global_zero:
+                self._requeue(signal.Signals(self.requeue_asked).name)
+            raise SystemExit(SIGTERM_EXIT_STATUS)
         if trainer.world_size > 1 or not getattr(trainer, "received_sigterm", False):
             return
         self._flush_step_logs(trainer)
         self._save(trainer)
         raise SystemExit(SIGTERM_EXIT_STATUS)
+
+    def _requeue(self, signal_name: str) -> None:
+        """`scontrol requeue <job>`, once per process: the requeued job finds its run dir and resumes by itself
+        (`fmlab.runs.slurm_resume_arguments`)."""
+        import subprocess
+
+        from fmlab.runs import slurm_job_identity
+
+        if self.requeued:
+            return
+        self.requeued = True
+        job = slurm_job_identity()
+        try:
+            done = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=60)
+            failure = done.stderr.strip() if done.returncode else ""
+        except (OSError, subprocess.TimeoutExpired) as error:
+            failure = str(error)
+        if failure:
+            print(f"fmlab: {signal_name}: requeueing SLURM job {job} failed ({failure}); resume it with ckpt_path=<run "
+                  "dir>", flush=True)  # fmt: skip
+        else:
+            print(f"fmlab: {signal_name}: requeued SLURM job {job}; it resumes from this checkpoint", flush=True)
 
     @staticmethod
     def _flush_step_logs(trainer: L.Trainer) -> None:
@@ -91,7 +146,7 @@ class CheckpointOnSigterm(L.Callback):
         exception.code = SIGTERM_EXIT_STATUS  # the same exception is re-raised by Lightning after this hook
 
     @staticmethod
-    def _save(trainer: L.Trainer) -> None:
+    def _save(trainer: L.Trainer, signal_name: str = "SIGTERM") -> None:
         checkpoint = trainer.checkpoint_callback
         if checkpoint is None or checkpoint.dirpath is None:
             return
@@ -102,7 +157,7 @@ class CheckpointOnSigterm(L.Callback):
         if last.is_symlink() or last.exists():
             last.unlink()
         os.symlink(target.name, last)
-        print(f"fmlab: SIGTERM: saved {target}; resume with ckpt_path={directory.parent}", flush=True)
+        print(f"fmlab: {signal_name}: saved {target}; resume with ckpt_path={directory.parent}", flush=True)
 
 
 class TrainingClock(L.Callback):

@@ -34,6 +34,7 @@ def broadcast_time(t: Tensor, x: Tensor) -> Tensor:
 # the shortest [t_min, t_max] a path accepts: float32 times near 1 are 6e-8 apart
 MIN_TIME_INTERVAL = 1e-5
 
+
 class AffinePath:
     """x_t = α_t x1 + σ_t x0 (+ s_t ε), the conditional Gaussian path N(α_t x1, σ_t² I) of seed 001 eq. (6).
 
