@@ -79,15 +79,17 @@ SETTING_GROUPS = ("data", "net", "path", "schedule", "objective", "time_sampler"
 def allowed_infinite(node: Any) -> tuple[str, ...]:
     """The settings of the node's target that may be infinite: its class's `infinite_settings` (e.g. C²OT's
     `weight=inf`, a pairing within classes only, or EDM's `s_max=inf`, churn at every noise level)."""
-    from hydra.utils import get_class
+    import importlib
 
     target = node.get("_target_") if isinstance(node, DictConfig) else None
-    if not isinstance(target, str):
+    if not isinstance(target, str) or "." not in target:
         return ()
+    module_name, name = target.rsplit(".", 1)
     try:
-        return tuple(getattr(get_class(target), "infinite_settings", ()))
-    except Exception:  # not a class (a function target): nothing declared
+        found = getattr(importlib.import_module(module_name), name)
+    except Exception:  # a target the build reports itself
         return ()
+    return tuple(getattr(found, "infinite_settings", ())) if isinstance(found, type) else ()
 
 
 def _numbers(node: Any, prefix: str) -> list[tuple[str, Any, tuple[str, ...]]]:
@@ -341,13 +343,16 @@ def check_first_loss(module: Any, datamodule: Any, rows: int = 16) -> None:
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        x1, x0 = datamodule.held_out(rows), datamodule.eval_source(rows)
+        asked = rows
+        x1, x0 = datamodule.held_out(asked), datamodule.eval_source(asked)
+        rows = min(len(x1), len(x0))  # a small held-out set may have fewer
+        x1, x0 = x1[:rows], x0[:rows]
         kind = net_kind(module.net)
         labels = None
         if kind == "class":
             labels = torch.arange(rows) % module.net.num_classes
         elif kind == "continuous" and hasattr(datamodule, "held_out_conditions"):
-            labels = datamodule.held_out_conditions(rows).to(x1.dtype)
+            labels = datamodule.held_out_conditions(asked)[:rows].to(x1.dtype)  # the conditions of x1's rows
         loss = float(module._loss(x0.to(x1.dtype), x1, labels).detach())
     if not math.isfinite(loss) or loss == 0.0:
         cause = "learns nothing" if loss == 0.0 else "cannot train"
