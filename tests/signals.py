@@ -17,7 +17,7 @@ class SignalAt(L.Callback):
     def __init__(self, step: int | list[int], signal_name: str = "SIGTERM", when: str = "batch_end") -> None:
         if when not in ("batch_end", "epoch_end"):
             raise ValueError(f"when={when!r}: expected batch_end or epoch_end")
-        self.steps = {int(s) for s in (step if isinstance(step, list | tuple) or hasattr(step, "__iter__") else [step])}
+        self.steps = {int(s) for s in step} if hasattr(step, "__iter__") else {int(step)}  # a list, or a ListConfig
         self.signal, self.when = getattr(signal, signal_name), when
 
     def _maybe_send(self, trainer: L.Trainer, when: str) -> None:

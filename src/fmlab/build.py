@@ -343,21 +343,20 @@ def check_first_loss(module: Any, datamodule: Any, rows: int = 16) -> None:
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        asked = rows
-        x1, x0 = datamodule.held_out(asked), datamodule.eval_source(asked)
-        rows = min(len(x1), len(x0))  # a small held-out set may have fewer
-        x1, x0 = x1[:rows], x0[:rows]
+        x1, x0 = datamodule.held_out(rows), datamodule.eval_source(rows)
+        pairs = min(len(x1), len(x0))  # a small held-out set may have fewer
+        x1, x0 = x1[:pairs], x0[:pairs]
         kind = net_kind(module.net)
         labels = None
         if kind == "class":
-            labels = torch.arange(rows) % module.net.num_classes
+            labels = torch.arange(pairs) % module.net.num_classes
         elif kind == "continuous" and hasattr(datamodule, "held_out_conditions"):
-            labels = datamodule.held_out_conditions(asked)[:rows].to(x1.dtype)  # the conditions of x1's rows
+            labels = datamodule.held_out_conditions(rows)[:pairs].to(x1.dtype)  # the conditions of x1's rows
         loss = float(module._loss(x0.to(x1.dtype), x1, labels).detach())
     if not math.isfinite(loss) or loss == 0.0:
         cause = "learns nothing" if loss == 0.0 else "cannot train"
         raise UserError(
-            f"the training loss of the initial net on {rows} held-out pairs is {loss}, before any step: the run "
+            f"the training loss of the initial net on {pairs} held-out pairs is {loss}, before any step: the run "
             f"{cause}; check {loss_settings(module)}"
         )
 
